@@ -1,0 +1,29 @@
+"""Shared assertions and case grids for the op and model tests."""
+import pytest
+import torch
+
+# bf16 is only meaningful on a GPU: the interpreter's bf16 arithmetic is wrong
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_matches(ours: torch.Tensor, torch_lowp, ref: torch.Tensor, *, fp32_tol: float = 1e-4,
+                   floor: float = 1e-5, name: str = "output") -> None:
+    """The FlashAttention rule: in fp16/bf16, |ours - ref| <= 2 |torch_lowp - ref| + floor, where ref is
+    computed in fp32/fp64 and torch_lowp is PyTorch's own low-precision result. fp32: relative fp32_tol."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    err = max_err(ours, ref)
+    if ours.dtype in LOW_PRECISION:
+        bound = 2 * max_err(torch_lowp, ref) + floor
+    else:
+        bound = fp32_tol * max(1.0, ref.abs().max().item())
+    assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g}"
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float32) * scale).to(device=device, dtype=dtype)

@@ -1,0 +1,37 @@
+"""The vit-kernels command: --version, --help, the default verify table, bad options."""
+import subprocess
+import sys
+
+import pytest
+
+from vit_kernels import __version__, cli
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "vit_kernels.cli", *args], capture_output=True, text=True)
+
+
+def test_version_and_help():
+    assert run("--version").stdout.strip() == f"vit_kernels {__version__}"
+    help_text = run("--help").stdout
+    assert "verify" in help_text and "compile-check" in help_text
+
+
+def test_verify_prints_a_passing_table(capsys):
+    assert cli.main(["--no-timm", "--batch", "1"]) == 0  # options alone select the default command
+    out = capsys.readouterr().out
+    assert "ViT (seed scaling)" in out and "ViT (paper scaling)" in out
+    assert "FAIL" not in out and "4 passed, 0 failed" in out
+
+
+def test_bad_option_exits_nonzero():
+    result = run("verify", "--config", "huge")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_entry_point_is_installed():
+    pytest.importorskip("importlib.metadata")
+    from importlib.metadata import entry_points
+
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("vit-kernels") == "vit_kernels.cli:main"

@@ -1,0 +1,103 @@
+"""Real sizes on a real GPU: ViT-B/16 at 224 (N = 197, head_dim 64), fp16/bf16 within 2x PyTorch's error."""
+import pytest
+import timm
+import torch
+
+import vit_kernels
+from helpers import assert_matches, randn
+from vit_kernels import ops
+from vit_kernels import reference as R
+from vit_kernels.ops.attention import attention_torch
+
+pytestmark = pytest.mark.gpu
+VIT_B16 = dict(in_channels=3, patch_size=16, emb_size=768, img_size=224, depth=12, n_classes=1000, num_heads=12)
+LOWP = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def tutorial_pair():
+    torch.manual_seed(0)
+    ref = R.ViT(**VIT_B16).cuda().eval()
+    fast = vit_kernels.ViT(**VIT_B16).cuda().eval()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_vit_b16_tutorial(tutorial_pair, batch, dtype):
+    ref, fast = tutorial_pair
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        expected = ref.double()(x.double())
+        lowp = ref.to(dtype)(x.to(dtype))
+        ref.float()
+        got = fast.to(dtype)(x.to(dtype))
+        fast.float()
+    assert fast.last_backend == "triton"
+    assert_matches(got, lowp, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOWP])
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_vit_b16_timm(pool, dtype):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, global_pool=pool).cuda().eval()
+    fast = vit_kernels.from_timm(model)
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        expected = model.double()(x.double())
+        lowp = model.to(dtype)(x.to(dtype))
+        got = fast(x.to(dtype))
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-3)
+    else:
+        assert_matches(got, lowp, expected)
+
+
+def test_autocast_bf16(tutorial_pair):
+    ref, fast = tutorial_pair
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        got, lowp = fast(x), ref(x)
+    with torch.no_grad():
+        expected = ref.double()(x.double())
+        ref.float()
+    assert got.dtype == torch.bfloat16
+    assert_matches(got, lowp, expected)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("layout", ["h d qkv", "qkv h d"])
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_attention_real_size(layout, head_dim, dtype):
+    heads = 12 if head_dim == 64 else 16
+    qkv = randn(64, 197, 3 * heads * head_dim, dtype=dtype, device="cuda")
+    for scaling in ("seed", "paper"):
+        got = ops.attention(qkv, heads, layout, scaling)
+        assert_matches(got, attention_torch(qkv, heads, layout, scaling),
+                       attention_torch(qkv.double(), heads, layout, scaling))
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("n,k,epilogue", [(2304, 768, {}), (768, 768, {"residual": True}),
+                                          (3072, 768, {"activation": "gelu"}), (768, 3072, {"residual": True})])
+def test_linear_real_size(n, k, epilogue, dtype):
+    m = 64 * 197
+    x = randn(m, k, dtype=dtype, device="cuda")
+    w = randn(n, k, dtype=dtype, device="cuda", scale=k ** -0.5)
+    b = randn(n, dtype=dtype, device="cuda")
+    r = randn(m, n, dtype=dtype, device="cuda") if epilogue.get("residual") else None
+    act = epilogue.get("activation")
+    from vit_kernels.ops.linear import linear_torch
+    got = ops.linear(x, w, b, activation=act, residual=r)
+    expected = linear_torch(x.double(), w.double(), b.double(), act, None, None if r is None else r.double())
+    assert_matches(got, linear_torch(x, w, b, act, None, r), expected)
+
+
+def test_more_heads_than_grid_axis_limit():
+    """batch x heads beyond 65,535: the 1-D grid has no such limit."""
+    qkv = randn(5462, 5, 3 * 12 * 16, dtype=torch.float16, device="cuda")  # 65,544 (batch, head) pairs
+    got = ops.attention(qkv, 12, "qkv h d", "paper")
+    assert_matches(got, attention_torch(qkv, 12, "qkv h d", "paper"),
+                   attention_torch(qkv.double(), 12, "qkv h d", "paper"))

@@ -1,0 +1,245 @@
+"""The drop-in fused ViT against the tutorial's code and the reference; from_timm against timm."""
+import warnings
+
+import pytest
+import timm
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tutorial_vit as tutorial
+import vit_kernels
+from helpers import assert_matches
+from vit_kernels import ops
+from vit_kernels import reference as R
+
+# N = 1 + (48 / 8)^2 = 37 tokens (odd); emb 72 / 3 heads = head_dim 24 (not a power of two)
+ODD = dict(in_channels=3, patch_size=8, emb_size=72, img_size=48, depth=2, n_classes=10, num_heads=3)
+DEFAULT_HEADS = dict(in_channels=2, patch_size=8, emb_size=64, img_size=40, depth=2, n_classes=7)  # 8 heads, N=26
+
+
+def fused_twin(cls=R.ViT, **cfg):
+    ref = cls(**cfg).eval()
+    fast = vit_kernels.ViT(**cfg).eval()
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    return ref, fast
+
+
+def image(cfg, batch=3, dtype=torch.float32):
+    return torch.randn(batch, cfg["in_channels"], cfg["img_size"], cfg["img_size"]).to(dtype)
+
+
+@pytest.mark.parametrize("cfg", [ODD, DEFAULT_HEADS])
+def test_matches_tutorial_code(cfg):
+    theirs, ours = fused_twin(tutorial.ViT, **cfg)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = image(cfg)
+    with torch.no_grad():
+        expected = theirs.double()(x.double())
+        got = ours(x)
+    assert ours.last_backend == "triton"
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", ["seed", "paper"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_reference(scaling, masked):
+    ref, fast = fused_twin(**ODD, scaling=scaling)
+    x = image(ODD)
+    mask = torch.rand(3, 1, 37, 37) > 0.3 if masked else None
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, mask), ref(x, mask), rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_within_twice_pytorch_error():
+    ref, fast = fused_twin(**ODD)
+    x = image(ODD)
+    with torch.no_grad():
+        expected = ref.double()(x.double())
+        lowp_torch = ref.half()(x.half())
+        got = fast.half()(x.half())
+    assert got.dtype == torch.float16
+    assert_matches(got, lowp_torch, expected)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    ref, fast = fused_twin(**ODD)
+    x = image(ODD)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        got = fast(x)
+    assert got.dtype == torch.float16
+    with torch.no_grad():
+        expected = ref.double()(x.double())
+        lowp_torch = ref.half()(x.half())
+    assert_matches(got, lowp_torch, expected)
+
+
+BANNED_ATEN = ("mm", "addmm", "bmm", "matmul", "linear", "_softmax", "softmax", "native_layer_norm", "layer_norm",
+               "convolution", "conv2d", "gelu", "scaled_dot_product", "einsum", "mean", "cat")
+
+
+class AtenRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_forward_dispatches_no_torch_compute():
+    """Proof the kernels ran: no aten matmul/softmax/layer_norm/conv/gelu op is dispatched."""
+    _, fast = fused_twin(**ODD)
+    x = image(ODD)
+    ops.reset_launch_counts()
+    with torch.no_grad(), AtenRecorder() as recorder:
+        fast(x, torch.rand(37, 37) > 0.2)
+    banned = {name for name in recorder.ops if name.lstrip("_").startswith(BANNED_ATEN)}
+    assert not banned, f"PyTorch computed part of the fused forward: {sorted(banned)}"
+    depth = ODD["depth"]
+    assert ops.launch_counts() == {"patch_embed": 1, "layer_norm": 2 * depth, "linear": 4 * depth + 1,
+                                   "attention": depth, "pool_norm": 1}
+
+
+def test_torch_backend_computes_the_same():
+    ref, fast = fused_twin(**ODD, scaling="paper")
+    x = image(ODD)
+    with torch.no_grad(), ops.use_backend("torch"):
+        got = fast(x)
+    assert fast.last_backend == "torch"
+    torch.testing.assert_close(got, ref(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_train_mode_dropout_falls_back_visibly():
+    ref, fast = fused_twin(**ODD, dropout=0.1, drop_p=0.1)
+    fast.train()
+    ref.train()
+    x = image(ODD)
+    with pytest.warns(UserWarning, match="runs the PyTorch reference path"):
+        torch.manual_seed(1)
+        got = fast(x)
+    assert fast.last_backend == "reference"
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, ref(x))
+    got.sum().backward()  # the reference path trains
+
+
+def test_train_mode_without_dropout_uses_kernels_and_refuses_backward():
+    _, fast = fused_twin(**ODD)
+    fast.train()
+    out = fast(image(ODD))
+    assert fast.last_backend == "triton"
+    with pytest.raises(NotImplementedError, match="backward"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("x,error,match", [
+    (torch.randn(3, 48, 48), ValueError, "expected an image batch"),
+    (torch.randn(2, 1, 48, 48), ValueError, "input channels"),
+    (torch.randn(2, 3, 40, 40), ValueError, "differs from the size"),
+    (torch.randn(2, 3, 48, 48).double(), TypeError, "supported: float32"),
+    (torch.zeros(2, 3, 48, 48, dtype=torch.int32), TypeError, "floating-point"),
+])
+def test_bad_input(x, error, match):
+    _, fast = fused_twin(**ODD)
+    with pytest.raises(error, match=match), torch.no_grad():
+        fast(x)
+
+
+def test_bad_mask():
+    _, fast = fused_twin(**ODD)
+    with pytest.raises(ValueError, match="does not broadcast"), torch.no_grad():
+        fast(image(ODD), torch.ones(36, 36, dtype=torch.bool))
+
+
+@pytest.mark.gpu
+def test_device_mix_is_rejected():
+    _, fast = fused_twin(**ODD)
+    with pytest.raises(ValueError, match="model's parameters are on"), torch.no_grad():
+        fast(image(ODD).cuda())
+
+
+# --- timm -------------------------------------------------------------------------------------------------
+TIMM_TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=7)
+TIMM_VARIANTS = {
+    "token": dict(global_pool="token"),
+    "avg_fc_norm": dict(global_pool="avg"),
+    "avg_final_norm": dict(global_pool="avg", fc_norm=False),
+    "no_cls_token": dict(class_token=False, global_pool="avg"),
+    "registers_no_embed_class": dict(reg_tokens=2, no_embed_class=True),
+    "registers": dict(reg_tokens=1),
+    "layer_scale_no_qkv_bias": dict(init_values=0.1, qkv_bias=False),
+    "gelu_tanh_pre_norm_head_dim_24": dict(act_layer="gelu_tanh", pre_norm=True, num_heads=3, embed_dim=72),
+    "no_head": dict(num_classes=0),
+}
+
+
+def timm_model(**kw):
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **dict(TIMM_TINY, **kw)).eval()
+
+
+@pytest.mark.parametrize("variant", list(TIMM_VARIANTS))
+def test_from_timm_matches_timm(variant):
+    model = timm_model(**TIMM_VARIANTS[variant])
+    fast = vit_kernels.from_timm(model)
+    assert list(fast.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast.forward_features(x), model.forward_features(x), rtol=1e-4, atol=1e-5)
+        feats = model.forward_features(x)
+        torch.testing.assert_close(fast.forward_head(feats, pre_logits=True), model.forward_head(feats, True),
+                                   rtol=1e-4, atol=1e-5)
+    assert fast.last_backend == "triton"
+
+
+def test_from_timm_shares_parameters_and_round_trips_checkpoints():
+    model = timm_model()
+    fast = vit_kernels.from_timm(model)
+    assert fast.cls_token is model.cls_token and fast.blocks is model.blocks
+    other = timm_model()
+    fast.load_state_dict(other.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), other(x), rtol=1e-4, atol=1e-5)
+
+
+def test_from_timm_fp16():
+    model = timm_model()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.double()(x.double())
+        lowp_torch = model.half()(x.half())
+        got = vit_kernels.from_timm(model)(x.half())
+    assert_matches(got, lowp_torch, expected)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(global_pool="max"), "global_pool='max'"),
+    (dict(global_pool="map"), "attention pooling"),
+    (dict(qk_norm=True), "qk_norm"),
+    (dict(dynamic_img_size=True), "dynamic_img_size"),
+    (dict(act_layer="quick_gelu"), "activation QuickGELU"),
+])
+def test_from_timm_unsupported_features_are_named(kw, match):
+    with pytest.raises(NotImplementedError, match=match):
+        vit_kernels.from_timm(timm_model(**kw))
+
+
+def test_from_timm_rejects_other_models_and_bad_images():
+    with pytest.raises(TypeError, match="expects a timm VisionTransformer"):
+        vit_kernels.from_timm(R.ViT(**ODD))
+    fast = vit_kernels.from_timm(timm_model())
+    with pytest.raises(ValueError, match="differs from the model's"), torch.no_grad():
+        fast(torch.randn(2, 3, 40, 40))
+    with pytest.raises(ValueError, match="input channels"), torch.no_grad():
+        fast(torch.randn(2, 1, 32, 32))
+
+
+def test_from_timm_train_dropout_uses_timm_forward():
+    model = timm_model(drop_rate=0.1, drop_path_rate=0.1)
+    fast = vit_kernels.from_timm(model).train()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        fast(torch.randn(2, 3, 32, 32))
+    assert fast.last_backend == "reference"

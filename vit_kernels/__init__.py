@@ -1,0 +1,29 @@
+"""vit_kernels: fused Triton kernels for Vision Transformers and a drop-in fast ViT.
+
+    from vit_kernels import ViT                 # the tutorial's ViT, same keys, fused kernels
+    from vit_kernels import from_timm           # a timm VisionTransformer on the fused kernels
+    from vit_kernels import reference, ops      # the pure-PyTorch oracle; the individual fused ops
+
+Attributes load lazily so that ``vit-kernels`` can set TRITON_INTERPRET before any kernel is defined.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ._version import __version__
+
+_LAZY = {"ViT": "vit_kernels.models", "from_timm": "vit_kernels.models", "TimmViT": "vit_kernels.models",
+         "ops": "vit_kernels.ops", "reference": "vit_kernels.reference"}
+
+__all__ = ["TimmViT", "ViT", "__version__", "from_timm", "ops", "reference"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        return module if module.__name__.endswith(name) else getattr(module, name)
+    raise AttributeError(f"module 'vit_kernels' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

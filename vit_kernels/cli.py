@@ -1,0 +1,84 @@
+"""The ``vit-kernels`` command: verify the fused kernels on this machine, check GPU compilation."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ._version import __version__
+
+
+def _prepare_backend() -> str:
+    """Without CUDA the kernels can only run in Triton's interpreter: switch it on before they are defined."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return "cpu (Triton interpreter)"
+
+
+def cmd_verify(args) -> int:
+    where = _prepare_backend()
+    import torch
+
+    from . import verify
+
+    config = args.config or ("vit_b_16" if torch.cuda.is_available() else "tiny")
+    torch.manual_seed(args.seed)
+    dtypes = None if not args.dtype else [getattr(torch, d) for d in args.dtype]
+    print(f"vit_kernels {__version__}: fused models vs the PyTorch reference on {where}, config {config}, "
+          f"batch {args.batch}")
+    rows = verify.run(config, args.batch, dtypes, timm_models=not args.no_timm)
+    print(verify.format_table(rows))
+    failed = [r for r in rows if not r.ok]
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def cmd_compile_check(args) -> int:
+    from . import compile_check
+
+    results = compile_check.run_in_subprocess(workers=args.workers)
+    bad = [r for r in results if not r["ok"]]
+    for r in bad if not args.verbose else results:
+        print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['arch']} {r['dtype']} regs={r.get('registers')} "
+              f"smem={r.get('shared')} {r['case']} {r['error'] or ''}")
+    print(f"{len(results) - len(bad)} passed, {len(bad)} failed")
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vit-kernels", description="Fused Triton kernels for Vision Transformers.")
+    parser.add_argument("--version", action="version", version=f"vit_kernels {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    verify = sub.add_parser("verify", help="check the fused ViT and from_timm models against the reference "
+                                           "(the default command)")
+    verify.add_argument("--config", choices=["tiny", "vit_b_16"], help="default: vit_b_16 on a GPU, tiny on CPU")
+    verify.add_argument("--batch", type=int, default=2)
+    verify.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"],
+                        help="repeatable; default: float32, float16 (+ bfloat16 on a GPU)")
+    verify.add_argument("--no-timm", action="store_true", help="skip the from_timm models")
+    verify.add_argument("--seed", type=int, default=0)
+    verify.set_defaults(func=cmd_verify)
+    check = sub.add_parser("compile-check", help="compile every kernel/config for sm_80 and sm_90 (no GPU needed) "
+                                                 "and report errors, register spills and shared memory")
+    check.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    check.add_argument("-v", "--verbose", action="store_true", help="list every case, not only failures")
+    check.set_defaults(func=cmd_compile_check)
+    return parser
+
+
+COMMANDS = ("verify", "compile-check")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
+        argv = ["verify", *argv]  # verify is the default command
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

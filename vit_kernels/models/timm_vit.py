@@ -1,0 +1,215 @@
+"""``from_timm``: a timm ``VisionTransformer`` running on the fused kernels, same state_dict keys.
+
+The returned module *shares* the given model's parameters (no copy): training or loading weights into
+either one changes both. Features the kernels cannot honour raise ``NotImplementedError`` naming them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+from ._fused import (active_dropout, caster, check_same_device, compute_dtype, encoder_block, explicit_dtypes,
+                     warn_dropout_fallback)
+
+POOLS = {"token": "token", "avg": "mean"}
+
+
+def _unsupported(feature: str):
+    raise NotImplementedError(f"from_timm: {feature} is not supported by the vit_kernels kernels")
+
+
+def _is_identity(module) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+def _check_norm(name: str, module, allow_identity: bool = True) -> None:
+    if allow_identity and _is_identity(module):
+        return
+    if not isinstance(module, nn.LayerNorm) or len(module.normalized_shape) != 1:
+        _unsupported(f"{name} of type {type(module).__name__} (only nn.LayerNorm over the last axis)")
+
+
+def _gelu_mode(name: str, act) -> str:
+    """nn.GELU (exact or tanh) and timm's own GELU / GELUTanh modules; anything else is refused."""
+    from timm.layers.activations import GELU, GELUTanh
+
+    if type(act) is nn.GELU:
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if type(act) in (GELU, GELUTanh):
+        return "gelu_tanh" if type(act) is GELUTanh else "gelu"
+    _unsupported(f"{name} activation {type(act).__name__} (only GELU, exact or tanh)")
+
+
+def _layer_scale(name: str, module):
+    if _is_identity(module):
+        return None
+    if type(module).__name__ != "LayerScale" or not hasattr(module, "gamma"):
+        _unsupported(f"{name} of type {type(module).__name__}")
+    return module.gamma
+
+
+def check_supported(model) -> None:
+    from timm.layers import Mlp, PatchEmbed
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"from_timm expects a timm VisionTransformer, got {type(model).__name__}")
+    if getattr(model, "attn_pool", None) is not None or model.global_pool == "map":
+        _unsupported("global_pool='map' (attention pooling)")
+    if model.global_pool not in POOLS:
+        _unsupported(f"global_pool={model.global_pool!r} (supported: 'token', 'avg')")
+    if getattr(model, "dynamic_img_size", False):
+        _unsupported("dynamic_img_size=True")
+    pe = model.patch_embed
+    if type(pe) is not PatchEmbed or getattr(pe, "dynamic_img_pad", False) or not pe.flatten:
+        _unsupported(f"patch embedding {type(pe).__name__} with dynamic padding or unflattened output")
+    conv = pe.proj
+    if (not isinstance(conv, nn.Conv2d) or conv.kernel_size != conv.stride or conv.padding != (0, 0)
+            or conv.kernel_size[0] != conv.kernel_size[1] or conv.groups != 1 or conv.dilation != (1, 1)):
+        _unsupported("a patch projection other than a square Conv2d with stride = kernel")
+    if not _is_identity(pe.norm):
+        _unsupported("patch_embed.norm (norm after patch projection)")
+    _check_norm("norm_pre", model.norm_pre)
+    _check_norm("norm", model.norm)
+    _check_norm("fc_norm", model.fc_norm)
+    if not (_is_identity(model.head) or isinstance(model.head, nn.Linear)):
+        _unsupported(f"head of type {type(model.head).__name__}")
+    for i, blk in enumerate(model.blocks):
+        where = f"blocks.{i}"
+        if type(blk) is not Block:
+            _unsupported(f"{where} of type {type(blk).__name__} (only timm's pre-norm Block)")
+        attn, mlp = blk.attn, blk.mlp
+        if type(attn) is not Attention:
+            _unsupported(f"{where}.attn of type {type(attn).__name__}")
+        if not (_is_identity(attn.q_norm) and _is_identity(attn.k_norm)):
+            _unsupported(f"{where}.attn qk_norm")
+        if not _is_identity(getattr(attn, "norm", None)) or getattr(attn, "gate", None) is not None:
+            _unsupported(f"{where}.attn scale_norm/gating")
+        if not math.isclose(attn.scale, attn.head_dim ** -0.5, rel_tol=1e-6):
+            _unsupported(f"{where}.attn scale {attn.scale} (only head_dim ** -0.5)")
+        if attn.qkv.in_features != attn.proj.out_features or attn.attn_dim != attn.proj.out_features:
+            _unsupported(f"{where}.attn with attn_dim != embed_dim")
+        _check_norm(f"{where}.norm1", blk.norm1, allow_identity=False)
+        _check_norm(f"{where}.norm2", blk.norm2, allow_identity=False)
+        if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not _is_identity(mlp.norm):
+            _unsupported(f"{where}.mlp of type {type(mlp).__name__} (only timm Mlp with Linear layers, no norm)")
+        _gelu_mode(f"{where}.mlp", mlp.act)
+        _layer_scale(f"{where}.ls1", blk.ls1)
+        _layer_scale(f"{where}.ls2", blk.ls2)
+
+
+class TimmViT(nn.Module):
+    """A timm VisionTransformer's modules and parameters (shared, same names) with a fused forward."""
+
+    last_backend: str | None = None
+
+    def __init__(self, model):
+        super().__init__()
+        check_supported(model)
+        # parameters, buffers, then children: the same state_dict key order as timm's
+        for name, param in model.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in model.named_buffers(recurse=False):
+            self.register_buffer(name, buf)
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "timm_model", model)  # not a child: the path for train-mode dropout
+        self.num_prefix_tokens = model.num_prefix_tokens
+        self.pos_on_prefix = not model.no_embed_class
+        self.pool = POOLS[model.global_pool]
+        self.pool_start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
+        self.train(model.training)
+
+    def _check_image(self, x: torch.Tensor) -> None:
+        conv = self.patch_embed.proj
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+            raise ValueError(f"expected a floating-point image batch [B, C, H, W], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.shape[1] != conv.in_channels:
+            raise ValueError(f"expected {conv.in_channels} input channels, got {x.shape[1]}")
+        if tuple(x.shape[2:]) != tuple(self.patch_embed.img_size):
+            raise ValueError(f"image size {tuple(x.shape[2:])} differs from the model's "
+                             f"{tuple(self.patch_embed.img_size)} (position embedding interpolation is not supported)")
+
+    def _reference_path(self, x: torch.Tensor) -> bool:
+        """Checks x; True (with a one-time warning) when train-mode dropout needs timm's own forward."""
+        self._check_image(x)
+        check_same_device(self, x)
+        dropping = active_dropout(self)
+        if dropping:
+            warn_dropout_fallback(self, dropping)
+            self.last_backend = "reference"
+            return True
+        self.last_backend = ops.backend_for(x)
+        return False
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, norm_pre and the blocks; the final norm is left to the caller."""
+        cast = caster(compute_dtype(x))
+        prefix = [t.view(-1, t.shape[-1]) for t in (getattr(self, "cls_token", None),
+                                                    getattr(self, "reg_token", None)) if t is not None]
+        conv = self.patch_embed.proj
+        prefix = torch.cat(prefix) if prefix else conv.weight.new_empty((0, conv.out_channels))
+        pos = getattr(self, "pos_embed", None)
+        x = ops.patch_embed(cast(x), cast(conv.weight), cast(conv.bias), cast(prefix),
+                            None if pos is None else cast(pos)[0], self.pos_on_prefix)
+        x = _layer_norm(self.norm_pre, x)
+        for blk in self.blocks:
+            attn, mlp = blk.attn, blk.mlp
+            x = encoder_block(x, blk.norm1, attn.qkv, attn.proj, blk.norm2, mlp.fc1, mlp.fc2, cast,
+                              num_heads=attn.num_heads, qkv_interleaved=False, scaling="paper",
+                              activation=_gelu_mode("mlp", mlp.act), gamma1=_layer_scale("ls1", blk.ls1),
+                              gamma2=_layer_scale("ls2", blk.ls2))
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> tokens [B, N, E] after the final norm (timm's forward_features)."""
+        if self._reference_path(x):
+            return self.timm_model.forward_features(x)
+        with explicit_dtypes(x):
+            return _layer_norm(self.norm, self._encode(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """tokens [B, N, E] (after the final norm) -> logits, or the pooled features with ``pre_logits``."""
+        with explicit_dtypes(x):
+            return self._head(x, None, pre_logits)
+
+    def _head(self, x, norm, pre_logits=False):
+        """Pool, then LayerNorm (``norm`` fused into the pooling kernel, else fc_norm), then the Linear."""
+        cast = caster(x.dtype)
+        norm = norm if norm is not None else None if _is_identity(self.fc_norm) else self.fc_norm
+        start = self.pool_start if self.pool == "mean" else 0
+        x = ops.pool_tokens(x, self.pool, start, cast(getattr(norm, "weight", None)),
+                            cast(getattr(norm, "bias", None)), getattr(norm, "eps", 1e-6), norm=norm is not None)
+        if pre_logits or _is_identity(self.head):
+            return x
+        return ops.linear(x, cast(self.head.weight), cast(self.head.bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._reference_path(x):
+            return self.timm_model(x)
+        with explicit_dtypes(x):
+            tokens = self._encode(x)
+            if self.pool == "token" and _is_identity(self.fc_norm) and not _is_identity(self.norm):
+                # LayerNorm then taking token 0 == taking token 0 then LayerNorm: one fused kernel
+                return self._head(tokens, self.norm)
+            return self._head(_layer_norm(self.norm, tokens), None)
+
+
+def _layer_norm(norm, x):
+    """Apply an nn.LayerNorm (or Identity) with the fused op, in x's dtype."""
+    if _is_identity(norm):
+        return x
+    cast = caster(x.dtype)
+    return ops.layer_norm(x, cast(norm.weight), cast(norm.bias), norm.eps)
+
+
+def from_timm(model) -> TimmViT:
+    """Wrap a timm ``VisionTransformer`` so its forward runs on the fused kernels.
+
+    The result has the same state_dict keys and shares the model's parameters (no copy).
+    """
+    return TimmViT(model)

@@ -1,0 +1,88 @@
+"""Classification head: token pooling + LayerNorm in one kernel, then the shared GEMM for the Linear.
+
+Pooling modes: ``"mean"`` over tokens ``start..N-1`` (the tutorial: start 0, cls included; timm ``avg``:
+start = number of prefix tokens) or ``"token"`` (the single token at ``start``: timm's cls pooling).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import new_output, ForwardOnly, check_tensor, record_launch, row_major, use_kernels
+from .layer_norm import MAX_WIDTH, check_layer_norm, layer_norm, normalize_rows
+from .linear import linear
+
+POOLS = ("mean", "token")
+
+
+@triton.jit
+def _pool_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, E, start, stride_b, stride_n, stride_yb, eps,
+                      MEAN: tl.constexpr, NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    base = x_ptr + b * stride_b
+    if MEAN:
+        tokens = tl.arange(0, BLOCK_N)
+        total = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+        for n0 in range(start, N, BLOCK_N):
+            rows = n0 + tokens
+            total += tl.load(base + rows[:, None].to(tl.int64) * stride_n + cols[None, :],
+                             mask=(rows[:, None] < N) & col_ok[None, :], other=0.0).to(tl.float32)
+        pooled = tl.sum(total, axis=0) / (N - start)
+    else:
+        pooled = tl.load(base + start * stride_n + cols, mask=col_ok, other=0.0).to(tl.float32)
+    pooled = pooled[None, :]
+    if NORM:
+        pooled, _mean, _rstd = normalize_rows(pooled, cols, E, w_ptr, b_ptr, eps, HAS_WEIGHT, HAS_BIAS)
+    tl.store(y_ptr + b * stride_yb + cols[None, :], pooled.to(y_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+def pool_norm_launch(x, pool, start, weight, bias, eps, norm):
+    x = row_major(x)
+    B, N, E = x.shape
+    y = new_output((B, E), x.device, x.dtype)
+    if B == 0:
+        return y
+    block_e = triton.next_power_of_2(E)
+    record_launch("pool_norm")
+    _pool_norm_kernel[(B,)](
+        x, x if weight is None else weight, x if bias is None else bias, y, N, E, start,
+        x.stride(0), x.stride(1), y.stride(0), eps, MEAN=pool == "mean", NORM=norm,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=max(1, min(64, 8192 // block_e)), BLOCK_E=block_e, num_warps=4 if block_e <= 2048 else 8)
+    return y
+
+
+class PoolNormFunction(ForwardOnly):
+    @staticmethod
+    def forward(ctx, x, pool, start, weight, bias, eps, norm):
+        return pool_norm_launch(x, pool, start, weight, bias, eps, norm)
+
+
+def pool_tokens(x: torch.Tensor, pool: str = "mean", start: int = 0, weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, eps: float = 1e-5, norm: bool = True) -> torch.Tensor:
+    """[B, N, E] -> [B, E]: mean of tokens ``start:`` or the token at ``start``, then LayerNorm if ``norm``."""
+    check_tensor("x", x, dims=3)
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    N = x.shape[1]
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < N:
+        raise ValueError(f"start token {start!r} outside the {N} tokens")
+    if x.shape[2] > MAX_WIDTH:
+        raise ValueError(f"width {x.shape[2]} exceeds the kernel's maximum {MAX_WIDTH}")
+    if norm:
+        check_layer_norm(x, weight, bias, eps)
+    if not use_kernels(x):
+        pooled = x[:, start:].mean(dim=1) if pool == "mean" else x[:, start]
+        return layer_norm(pooled, weight, bias, eps) if norm else pooled
+    return PoolNormFunction.apply(x, pool, start, weight, bias, float(eps), norm)
+
+
+def classification_head(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,
+                        eps: float, head_weight: torch.Tensor, head_bias: torch.Tensor | None,
+                        pool: str = "mean", start: int = 0, norm: bool = True) -> torch.Tensor:
+    """pool -> LayerNorm -> Linear: the tutorial's head with the defaults, timm's with pool/start."""
+    return linear(pool_tokens(x, pool, start, norm_weight, norm_bias, eps, norm), head_weight, head_bias)

@@ -1,0 +1,187 @@
+"""One GEMM engine for every Linear of the ViT: ``out = residual + scale * act(x @ W^T + bias)``.
+
+Each epilogue piece (bias, GELU erf/tanh, per-feature scale = timm's LayerScale, residual add) is a
+constexpr flag, so qkv, proj(+residual), fc1(+GELU), fc2(+residual) and the head are one kernel source.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import (ForwardOnly, Tuned, check_device, check_tensor, check_vector, config, dot_precision,
+                      row_major, use_kernels, new_output)
+
+ACTIVATIONS = (None, "gelu", "gelu_tanh")
+
+
+@triton.jit
+def gelu(x, APPROXIMATE_TANH: tl.constexpr):
+    if APPROXIMATE_TANH:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))  # tanh(y) = 2 sigmoid(2y) - 1
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _linear_kernel(a_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, M, N, K,
+                   stride_am, stride_wn, stride_rm, stride_om,
+                   HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped ordering: GROUP_M row-tiles share their W column-tiles while those sit in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Out-of-range rows/columns wrap around so the main loop only masks K; the store masks them.
+    safe_m = (offs_m % M).to(tl.int64)
+    safe_n = offs_n % N
+    if DEINTERLEAVE > 1:
+        # output column g * (N / G) + j is weight row j * G + g: the tutorial's (h d qkv) weight rows
+        # produce a (qkv h d) output, so attention reads contiguous head dims
+        w_row = (safe_n % (N // DEINTERLEAVE)) * DEINTERLEAVE + safe_n // (N // DEINTERLEAVE)
+    else:
+        w_row = safe_n
+    a_ptrs = a_ptr + safe_m[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + w_row.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    n_mask = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + w_row, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION == "gelu":
+        acc = gelu(acc, False)
+    elif ACTIVATION == "gelu_tanh":
+        acc = gelu(acc, True)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    mask = (offs_m[:, None] < M) & n_mask[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _fits(meta: dict, flags: dict) -> bool:
+    """128x256 tiles only for light epilogues: with GELU, scale or residual they spill (sm_80/sm_90)."""
+    heavy = flags.get("HAS_RESIDUAL") or flags.get("HAS_SCALE") or flags.get("ACTIVATION")
+    return not (heavy and meta["BLOCK_N"] == 256)
+
+
+LINEAR = Tuned(
+    _linear_kernel,
+    configs=[
+        config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+        config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        config(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        config(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ],
+    key=["M", "N", "K", "HAS_RESIDUAL", "ACTIVATION"],
+    interpret_config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
+    keep=_fits,
+)
+
+
+def _check(x, weight, bias, activation, scale, residual, deinterleave):
+    check_tensor("x", x, dims=2)
+    check_tensor("weight", weight, dims=2, dtype=x.dtype)
+    check_device("weight", weight, x.device)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features but weight expects {weight.shape[1]} "
+                         f"(weight shape {tuple(weight.shape)})")
+    n = weight.shape[0]
+    check_vector("bias", bias, n, x.dtype, x.device)
+    check_vector("scale", scale, n, x.dtype, x.device)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if isinstance(deinterleave, bool) or not isinstance(deinterleave, int) or deinterleave < 1 or n % deinterleave:
+        raise ValueError(f"deinterleave must be a positive int dividing the {n} output features, got {deinterleave!r}")
+    if residual is not None:
+        check_tensor("residual", residual, dims=2, dtype=x.dtype)
+        check_device("residual", residual, x.device)
+        if residual.shape != (x.shape[0], n):
+            raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {(x.shape[0], n)}")
+
+
+def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1):
+    """Launch the fused GEMM on 2-D ``x`` [M, K] and ``weight`` [N, K]; returns [M, N] in x's dtype."""
+    x, weight = row_major(x), row_major(weight)
+    residual = None if residual is None else row_major(residual)
+    M, K = x.shape
+    N = weight.shape[0]
+    out = new_output((M, N), x.device, x.dtype)
+    if M == 0:
+        return out
+    dummy = x  # never read: its flag is off
+    LINEAR.launch(
+        "linear", lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+        x, weight, dummy if bias is None else bias, dummy if scale is None else scale,
+        dummy if residual is None else residual, out, M, N, K,
+        x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_SCALE=scale is not None,
+        HAS_RESIDUAL=residual is not None, DEINTERLEAVE=deinterleave, DOT_PRECISION=dot_precision(x.dtype))
+    return out
+
+
+class LinearFunction(ForwardOnly):
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation, scale, residual, deinterleave):
+        return linear_launch(x, weight, bias, activation, scale, residual, deinterleave)
+
+
+def linear_torch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1):
+    """The PyTorch fallback, same semantics."""
+    y = F.linear(x, weight, bias)
+    if deinterleave > 1:
+        y = y.unflatten(-1, (-1, deinterleave)).transpose(-1, -2).flatten(-2)
+    if activation is not None:
+        y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    if scale is not None:
+        y = y * scale
+    return y if residual is None else residual + y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
+           scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+           deinterleave: int = 1) -> torch.Tensor:
+    """``residual + scale * activation(x @ weight.T + bias)`` over the last axis of ``x`` (any leading dims).
+
+    activation: None, ``"gelu"`` (exact erf) or ``"gelu_tanh"``; scale is a per-output-feature vector;
+    residual has the output's shape. All tensors share x's dtype and device.
+    deinterleave=G reads the weight rows (and bias) as interleaved groups, row j*G+g, and writes them grouped,
+    column g*(N/G)+j: with G=3 the tutorial's "(h d qkv)" qkv weights give a "(qkv h d)" output, whose head
+    dims are contiguous for attention. The scale and residual apply in output order.
+    """
+    check_tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must have at least 2 dimensions [..., features], got shape {tuple(x.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    res2 = None
+    if residual is not None:
+        check_tensor("residual", residual)
+        res2 = residual.reshape(-1, residual.shape[-1]) if residual.shape[:-1] == lead else residual
+    _check(x2, weight, bias, activation, scale, res2, deinterleave)
+    if not use_kernels(x):
+        return linear_torch(x, weight, bias, activation, scale, residual, deinterleave)
+    return LinearFunction.apply(x2, weight, bias, activation, scale, res2, deinterleave).view(*lead, weight.shape[0])

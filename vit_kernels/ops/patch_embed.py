@@ -1,0 +1,165 @@
+"""Patch embedding in one kernel: image [B, C, H, W] -> tokens [B, P + L, E].
+
+The conv with kernel = stride = patch is a GEMM whose A rows are patches read straight from the image by
+strides (no unfold copy). Output rows 0..P-1 of each image are the prefix tokens (cls, registers); the
+GEMM rows past them are the patches, with conv bias added. The position embedding is added to every row
+(``pos_on_prefix=True``, the tutorial and most timm models) or only to the patch rows (timm's
+``no_embed_class``). Pixels past the last whole patch are ignored, as the strided conv does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import (ForwardOnly, Tuned, check_device, check_tensor, config, dot_precision, row_major,
+                      use_kernels, new_output)
+
+
+@triton.jit
+def _patch_embed_kernel(img_ptr, w_ptr, bias_ptr, prefix_ptr, pos_ptr, out_ptr,
+                        M, T, E, K, P, grid_w,
+                        stride_ib, stride_ic, stride_ih, stride_iw, stride_wn,
+                        PATCH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, POS_ON_PREFIX: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output rows over [B * T]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    n_mask = offs_n < E
+    token = rows % T
+    is_patch = row_ok & (token >= P)
+    patch_idx = tl.where(is_patch, token - P, 0)
+    # top-left pixel of each row's patch
+    row_off = ((rows // T).to(tl.int64) * stride_ib + (patch_idx // grid_w * PATCH).to(tl.int64) * stride_ih
+               + (patch_idx % grid_w * PATCH).to(tl.int64) * stride_iw)
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k  # conv weight order (c, i, j); a constexpr PATCH keeps j runs contiguous
+        k_ok = ks < K
+        c = ks // (PATCH * PATCH)
+        i = (ks // PATCH) % PATCH
+        j = ks % PATCH
+        k_off = c.to(tl.int64) * stride_ic + i * stride_ih + j * stride_iw
+        a = tl.load(img_ptr + row_off[:, None] + k_off[None, :], mask=is_patch[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        w_ptrs += BLOCK_K
+
+    mask = row_ok[:, None] & n_mask[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.where(is_patch[:, None], bias[None, :], 0.0)
+    is_prefix = row_ok & (token < P)
+    prefix = tl.load(prefix_ptr + tl.where(is_prefix, token, 0)[:, None] * E + offs_n[None, :],
+                     mask=is_prefix[:, None] & n_mask[None, :], other=0.0)
+    acc += prefix.to(tl.float32)
+    if HAS_POS:
+        if POS_ON_PREFIX:
+            pos_row = token
+            pos_ok = row_ok
+        else:
+            pos_row = patch_idx
+            pos_ok = is_patch
+        acc += tl.load(pos_ptr + pos_row[:, None] * E + offs_n[None, :], mask=pos_ok[:, None] & n_mask[None, :],
+                       other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * E + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+PATCH_EMBED = Tuned(
+    _patch_embed_kernel,
+    configs=[  # 4-warp 128x128 and any 128x256 tile spill registers on sm_80/sm_90 (compile check)
+        config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+        config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+        config(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
+        config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+    ],
+    key=["M", "E", "K", "PATCH"],
+    interpret_config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
+)
+
+
+def patch_embed_launch(img, weight, bias, prefix, pos, pos_on_prefix):
+    B, C, H, W = img.shape
+    E, _, p, _ = weight.shape
+    gh, gw = H // p, W // p
+    P = prefix.shape[0]
+    T = P + gh * gw
+    M, K = B * T, C * p * p
+    out = new_output((B, T, E), img.device, img.dtype)
+    if M == 0:
+        return out
+    w2 = weight.reshape(E, K)  # a view of the conv weight: (c, i, j) order
+    PATCH_EMBED.launch(
+        "patch_embed", lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(E, meta["BLOCK_N"])),
+        img, w2, img if bias is None else bias, prefix if P else img, img if pos is None else pos, out,
+        M, T, E, K, P, gw, *img.stride(), w2.stride(0), PATCH=p,
+        HAS_BIAS=bias is not None, HAS_POS=pos is not None, POS_ON_PREFIX=pos_on_prefix,
+        DOT_PRECISION=dot_precision(img.dtype))
+    return out
+
+
+class PatchEmbedFunction(ForwardOnly):
+    @staticmethod
+    def forward(ctx, img, weight, bias, prefix, pos, pos_on_prefix):
+        return patch_embed_launch(img, weight, bias, prefix, pos, pos_on_prefix)
+
+
+def patch_embed_torch(img, weight, bias, prefix, pos, pos_on_prefix):
+    """The PyTorch fallback, same semantics."""
+    B = img.shape[0]
+    x = F.conv2d(img, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+    if pos is not None and not pos_on_prefix:
+        x = x + pos
+    x = torch.cat([prefix.unsqueeze(0).expand(B, -1, -1), x], dim=1)
+    if pos is not None and pos_on_prefix:
+        x = x + pos
+    return x
+
+
+def check_patch_embed(img, weight, bias, prefix, pos, pos_on_prefix):
+    check_tensor("image", img, dims=4)
+    check_tensor("weight", weight, dims=4, dtype=img.dtype)
+    check_device("weight", weight, img.device)
+    E, C, p, q = weight.shape
+    if p != q:
+        raise ValueError(f"patch must be square, weight has kernel {p}x{q}")
+    if img.shape[1] != C:
+        raise ValueError(f"image has {img.shape[1]} channels but the patch weight expects {C}")
+    if img.shape[2] < p or img.shape[3] < p:
+        raise ValueError(f"image {tuple(img.shape[2:])} is smaller than one {p}x{p} patch")
+    for name, t in (("bias", bias), ("prefix", prefix), ("pos", pos)):
+        if t is not None:
+            check_tensor(name, t, dtype=img.dtype)
+            check_device(name, t, img.device)
+    if bias is not None and tuple(bias.shape) != (E,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({E},)")
+    if prefix.dim() != 2 or prefix.shape[1] != E:
+        raise ValueError(f"prefix tokens must be [P, {E}], got {tuple(prefix.shape)}")
+    rows = (img.shape[2] // p) * (img.shape[3] // p) + (prefix.shape[0] if pos_on_prefix else 0)
+    if pos is not None and tuple(pos.shape) != (rows, E):
+        raise ValueError(f"position embedding has shape {tuple(pos.shape)}, expected {(rows, E)} for a "
+                         f"{img.shape[2]}x{img.shape[3]} image with patch {p}")
+
+
+def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prefix: torch.Tensor,
+                pos: torch.Tensor | None, pos_on_prefix: bool = True) -> torch.Tensor:
+    """Conv patch projection + prefix tokens + position embedding.
+
+    img [B, C, H, W]; weight [E, C, p, p] (the Conv2d weight); bias [E] or None; prefix [P, E] (cls then
+    registers; P may be 0); pos [P + L, E] if ``pos_on_prefix`` else [L, E], or None. Returns [B, P + L, E].
+    """
+    check_patch_embed(img, weight, bias, prefix, pos, pos_on_prefix)
+    if not use_kernels(img):
+        return patch_embed_torch(img, weight, bias, prefix, pos, pos_on_prefix)
+    weight, prefix = weight.contiguous(), row_major(prefix).contiguous()
+    pos = None if pos is None else pos.contiguous()
+    return PatchEmbedFunction.apply(img, weight, bias, prefix, pos, pos_on_prefix)
