@@ -97,8 +97,21 @@ def test_bad_input(call, error, match):
         call(x, w)
 
 
-def test_backward_is_refused_clearly():
-    x = torch.randn(3, 8, requires_grad=True)
-    y = ops.linear(x, torch.randn(4, 8))
+def test_backward_is_refused_clearly(device):
+    x = torch.randn(3, 8, device=device, requires_grad=True)
+    y = ops.linear(x, torch.randn(4, 8, device=device))
     with pytest.raises(NotImplementedError, match="backward through the fused Triton kernels"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_both_epilogue_paths(split, device):
+    """The split (two column halves) and the whole-tile epilogue, pinned instead of autotuned."""
+    from vit_kernels.ops._common import config
+    from vit_kernels.ops.linear import linear_launch
+
+    x, w, b, s, r = operands((70, 96, 40), torch.float32, device, scale=True, residual=True)
+    cfg = config(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, SPLIT_EPILOGUE=split)
+    for activation in (None, "gelu"):
+        got = linear_launch(x, w, b, activation, s, r, deinterleave=3, config=cfg)
+        torch.testing.assert_close(got, linear_torch(x, w, b, activation, s, r, 3), rtol=1e-4, atol=1e-4)

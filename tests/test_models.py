@@ -17,22 +17,22 @@ ODD = dict(in_channels=3, patch_size=8, emb_size=72, img_size=48, depth=2, n_cla
 DEFAULT_HEADS = dict(in_channels=2, patch_size=8, emb_size=64, img_size=40, depth=2, n_classes=7)  # 8 heads, N=26
 
 
-def fused_twin(cls=R.ViT, **cfg):
-    ref = cls(**cfg).eval()
-    fast = vit_kernels.ViT(**cfg).eval()
+def fused_twin(cls=R.ViT, device="cpu", **cfg):
+    ref = cls(**cfg).to(device).eval()
+    fast = vit_kernels.ViT(**cfg).to(device).eval()
     fast.load_state_dict(ref.state_dict(), strict=True)
     return ref, fast
 
 
-def image(cfg, batch=3, dtype=torch.float32):
-    return torch.randn(batch, cfg["in_channels"], cfg["img_size"], cfg["img_size"]).to(dtype)
+def image(cfg, batch=3, dtype=torch.float32, device="cpu"):
+    return torch.randn(batch, cfg["in_channels"], cfg["img_size"], cfg["img_size"]).to(device, dtype)
 
 
 @pytest.mark.parametrize("cfg", [ODD, DEFAULT_HEADS])
-def test_matches_tutorial_code(cfg):
-    theirs, ours = fused_twin(tutorial.ViT, **cfg)
+def test_matches_tutorial_code(cfg, device):
+    theirs, ours = fused_twin(tutorial.ViT, device, **cfg)
     assert list(ours.state_dict()) == list(theirs.state_dict())
-    x = image(cfg)
+    x = image(cfg, device=device)
     with torch.no_grad():
         expected = theirs.double()(x.double())
         got = ours(x)
@@ -42,17 +42,17 @@ def test_matches_tutorial_code(cfg):
 
 @pytest.mark.parametrize("scaling", ["seed", "paper"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_matches_reference(scaling, masked):
-    ref, fast = fused_twin(**ODD, scaling=scaling)
-    x = image(ODD)
-    mask = torch.rand(3, 1, 37, 37) > 0.3 if masked else None
+def test_matches_reference(scaling, masked, device):
+    ref, fast = fused_twin(device=device, **ODD, scaling=scaling)
+    x = image(ODD, device=device)
+    mask = torch.rand(3, 1, 37, 37, device=device) > 0.3 if masked else None
     with torch.no_grad():
         torch.testing.assert_close(fast(x, mask), ref(x, mask), rtol=1e-4, atol=1e-5)
 
 
-def test_fp16_within_twice_pytorch_error():
-    ref, fast = fused_twin(**ODD)
-    x = image(ODD)
+def test_fp16_within_twice_pytorch_error(device):
+    ref, fast = fused_twin(device=device, **ODD)
+    x = image(ODD, device=device)
     with torch.no_grad():
         expected = ref.double()(x.double())
         lowp_torch = ref.half()(x.half())
@@ -61,10 +61,10 @@ def test_fp16_within_twice_pytorch_error():
     assert_matches(got, lowp_torch, expected)
 
 
-def test_autocast_runs_in_the_autocast_dtype():
-    ref, fast = fused_twin(**ODD)
-    x = image(ODD)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+def test_autocast_runs_in_the_autocast_dtype(device):
+    ref, fast = fused_twin(device=device, **ODD)
+    x = image(ODD, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
         got = fast(x)
     assert got.dtype == torch.float16
     with torch.no_grad():
@@ -87,13 +87,14 @@ class AtenRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_fused_forward_dispatches_no_torch_compute():
+def test_fused_forward_dispatches_no_torch_compute(device):
     """Proof the kernels ran: no aten matmul/softmax/layer_norm/conv/gelu op is dispatched."""
-    _, fast = fused_twin(**ODD)
-    x = image(ODD)
+    _, fast = fused_twin(device=device, **ODD)
+    x = image(ODD, device=device)
+    mask = torch.rand(37, 37, device=device) > 0.2
     ops.reset_launch_counts()
     with torch.no_grad(), AtenRecorder() as recorder:
-        fast(x, torch.rand(37, 37) > 0.2)
+        fast(x, mask)
     banned = {name for name in recorder.ops if name.lstrip("_").startswith(BANNED_ATEN)}
     assert not banned, f"PyTorch computed part of the fused forward: {sorted(banned)}"
     depth = ODD["depth"]
@@ -124,10 +125,10 @@ def test_train_mode_dropout_falls_back_visibly():
     got.sum().backward()  # the reference path trains
 
 
-def test_train_mode_without_dropout_uses_kernels_and_refuses_backward():
-    _, fast = fused_twin(**ODD)
+def test_train_mode_without_dropout_uses_kernels_and_refuses_backward(device):
+    _, fast = fused_twin(device=device, **ODD)
     fast.train()
-    out = fast(image(ODD))
+    out = fast(image(ODD, device=device))
     assert fast.last_backend == "triton"
     with pytest.raises(NotImplementedError, match="backward"):
         out.sum().backward()
@@ -174,16 +175,16 @@ TIMM_VARIANTS = {
 }
 
 
-def timm_model(**kw):
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **dict(TIMM_TINY, **kw)).eval()
+def timm_model(device="cpu", **kw):
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **dict(TIMM_TINY, **kw)).to(device).eval()
 
 
 @pytest.mark.parametrize("variant", list(TIMM_VARIANTS))
-def test_from_timm_matches_timm(variant):
-    model = timm_model(**TIMM_VARIANTS[variant])
+def test_from_timm_matches_timm(variant, device):
+    model = timm_model(device, **TIMM_VARIANTS[variant])
     fast = vit_kernels.from_timm(model)
     assert list(fast.state_dict()) == list(model.state_dict())
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, device=device)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fast.forward_features(x), model.forward_features(x), rtol=1e-4, atol=1e-5)
@@ -204,9 +205,9 @@ def test_from_timm_shares_parameters_and_round_trips_checkpoints():
         torch.testing.assert_close(fast(x), other(x), rtol=1e-4, atol=1e-5)
 
 
-def test_from_timm_fp16():
-    model = timm_model()
-    x = torch.randn(2, 3, 32, 32)
+def test_from_timm_fp16(device):
+    model = timm_model(device)
+    x = torch.randn(2, 3, 32, 32, device=device)
     with torch.no_grad():
         expected = model.double()(x.double())
         lowp_torch = model.half()(x.half())

@@ -121,6 +121,8 @@ class TimmViT(nn.Module):
         self.pos_on_prefix = not model.no_embed_class
         self.pool = POOLS[model.global_pool]
         self.pool_start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
+        # per-block activation, decided once (no per-forward isinstance work on the launch path)
+        self._activations = [_gelu_mode(f"blocks.{i}.mlp", blk.mlp.act) for i, blk in enumerate(model.blocks)]
         self.train(model.training)
 
     def _check_image(self, x: torch.Tensor) -> None:
@@ -157,12 +159,12 @@ class TimmViT(nn.Module):
         x = ops.patch_embed(cast(x), cast(conv.weight), cast(conv.bias), cast(prefix),
                             None if pos is None else cast(pos)[0], self.pos_on_prefix)
         x = _layer_norm(self.norm_pre, x)
-        for blk in self.blocks:
+        for blk, activation in zip(self.blocks, self._activations):
             attn, mlp = blk.attn, blk.mlp
             x = encoder_block(x, blk.norm1, attn.qkv, attn.proj, blk.norm2, mlp.fc1, mlp.fc2, cast,
                               num_heads=attn.num_heads, qkv_interleaved=False, scaling="paper",
-                              activation=_gelu_mode("mlp", mlp.act), gamma1=_layer_scale("ls1", blk.ls1),
-                              gamma2=_layer_scale("ls2", blk.ls2))
+                              activation=activation, gamma1=getattr(blk.ls1, "gamma", None),
+                              gamma2=getattr(blk.ls2, "gamma", None))
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -138,10 +138,15 @@ class Tuned:
     def configs_for(self, flags: dict, configs=None) -> list:
         return [c for c in (configs or self.configs) if self.keep(c.kwargs, flags)]
 
-    def launch(self, name: str, grid, *args, **kwargs) -> None:
-        """``grid`` is a function of the chosen config's meta-parameters."""
+    def launch(self, name: str, config, grid, *args, **kwargs) -> None:
+        """``grid`` is a function of the chosen config's meta-parameters. ``config`` (a triton.Config or
+        None) pins one config instead of autotuning, on a GPU and in the interpreter alike."""
         record_launch(name)
-        if INTERPRET:
+        if config is not None:
+            meta = dict(config.kwargs)
+            self.kernel[grid(meta)](*args, **kwargs, **meta, num_warps=config.num_warps,
+                                    num_stages=config.num_stages)
+        elif INTERPRET:
             meta = dict(self.interpret_config)
             self.kernel[grid(meta)](*args, **kwargs, **meta)
         else:

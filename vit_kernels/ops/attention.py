@@ -125,7 +125,7 @@ def attention_launch(qkv, num_heads, layout, scaling, mask):
     if mask is not None:
         mask_arg, mask_strides = contiguous_key_mask(mask, N)
     ATTENTION.launch(
-        "attention", lambda meta: (B * num_heads * triton.cdiv(N, meta["BLOCK_M"]),),
+        "attention", None, lambda meta: (B * num_heads * triton.cdiv(N, meta["BLOCK_M"]),),
         qkv, mask_arg, out, N, num_heads, E, qk_scale, out_scale, qkv.stride(0), qkv.stride(1),
         *mask_strides, out.stride(0), out.stride(1), D=D,
         INTERLEAVED=layout == "h d qkv", HAS_MASK=mask is not None, DOT_PRECISION=dot_precision(qkv.dtype),
