@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import do_bench_ms, save_results
+from vit_kernels import ops
+from vit_kernels.ops.attention import split_qkv
 
-from vit_kernels import ops  # noqa: E402
-from vit_kernels.ops.attention import split_qkv  # noqa: E402
+from common import do_bench_ms, save_results
 
 BACKENDS = {"sdpa flash": SDPBackend.FLASH_ATTENTION, "sdpa efficient": SDPBackend.EFFICIENT_ATTENTION,
             "sdpa cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa math": SDPBackend.MATH}

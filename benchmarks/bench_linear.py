@@ -9,11 +9,11 @@ import argparse
 
 import torch
 
-from common import do_bench_ms, save_results
+from vit_kernels import ops
+from vit_kernels.ops._common import config
+from vit_kernels.ops.linear import LINEAR, linear_launch, linear_torch
 
-from vit_kernels import ops  # noqa: E402
-from vit_kernels.ops._common import config  # noqa: E402
-from vit_kernels.ops.linear import LINEAR, linear_launch, linear_torch  # noqa: E402
+from common import do_bench_ms, save_results
 
 SHAPES = {  # name: (N, K, epilogue)
     "qkv": (2304, 768, dict()),
@@ -22,8 +22,9 @@ SHAPES = {  # name: (N, K, epilogue)
     "fc2+res": (768, 3072, dict(residual=True)),
 }
 SWEEP = [config(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, SPLIT_EPILOGUE=split)
-         for m, n, k, w, s, split in [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 4, True), (256, 128, 64, 8, 3, True),
-                                      (128, 256, 64, 8, 3, False), (256, 128, 64, 8, 3, False),
+         for m, n, k, w, s, split in [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 4, True),
+                                      (256, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, False),
+                                      (256, 128, 64, 8, 3, False),
                                       (128, 128, 64, 8, 4, False), (128, 128, 64, 8, 4, True),
                                       (128, 128, 64, 8, 3, False), (128, 64, 64, 4, 4, False),
                                       (64, 128, 64, 4, 4, False), (64, 64, 64, 4, 5, False)]]

@@ -9,10 +9,10 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import do_bench_ms, save_results
+from vit_kernels import ops
+from vit_kernels.ops.patch_embed import patch_embed_torch
 
-from vit_kernels import ops  # noqa: E402
-from vit_kernels.ops.patch_embed import patch_embed_torch  # noqa: E402
+from common import do_bench_ms, save_results
 
 
 def main():

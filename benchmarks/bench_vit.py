@@ -12,10 +12,10 @@ import sys
 
 import torch
 
-from common import cuda_graph_ms, device_info, do_bench_ms, save_results
+import vit_kernels
+from vit_kernels import reference
 
-import vit_kernels  # noqa: E402
-from vit_kernels import reference  # noqa: E402
+from common import cuda_graph_ms, do_bench_ms, save_results
 
 GFLOP_PER_IMAGE = {"vit_b_16": 35.2}  # forward, 2 x MACs, as in the GPU-round issues
 

@@ -5,12 +5,9 @@ import datetime
 import json
 import os
 import pathlib
-import sys
 
 import torch
 import triton
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout, no install
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import DTYPES, assert_matches, randn
 from vit_kernels import ops
 from vit_kernels.ops.attention import attention_torch, split_qkv
+
+from helpers import DTYPES, assert_matches, randn
 
 LAYOUTS = ["h d qkv", "qkv h d"]
 SHAPES = [(2, 26, 2, 16), (2, 65, 3, 24), (1, 197, 2, 64), (2, 37, 1, 80), (3, 1, 2, 16)]  # B, N, heads, head_dim

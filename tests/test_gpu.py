@@ -4,10 +4,11 @@ import timm
 import torch
 
 import vit_kernels
-from helpers import assert_matches, randn
 from vit_kernels import ops
 from vit_kernels import reference as R
 from vit_kernels.ops.attention import attention_torch
+
+from helpers import assert_matches, randn
 
 pytestmark = pytest.mark.gpu
 VIT_B16 = dict(in_channels=3, patch_size=16, emb_size=768, img_size=224, depth=12, n_classes=1000, num_heads=12)

@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import DTYPES, assert_matches, randn
 from vit_kernels import ops
+
+from helpers import DTYPES, assert_matches, randn
 
 
 def torch_head(x, w, b, eps, hw, hb, pool, start, norm=True):

@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import DTYPES, assert_matches, randn
 from vit_kernels import ops
 from vit_kernels.ops.layer_norm import layer_norm_launch
+
+from helpers import DTYPES, assert_matches, randn
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

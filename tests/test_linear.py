@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from helpers import DTYPES, assert_matches, randn
 from vit_kernels import ops
 from vit_kernels.ops.linear import linear_torch
+
+from helpers import DTYPES, assert_matches, randn
 
 SHAPES = [(1, 1, 1), (37, 70, 50), (130, 96, 48), (5, 300, 33), (2, 26, 40, 24)]  # [..., M, N, K] odd sizes
 

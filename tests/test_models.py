@@ -6,11 +6,12 @@ import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import tutorial_vit as tutorial
 import vit_kernels
-from helpers import assert_matches
 from vit_kernels import ops
 from vit_kernels import reference as R
+
+import tutorial_vit as tutorial
+from helpers import assert_matches
 
 # N = 1 + (48 / 8)^2 = 37 tokens (odd); emb 72 / 3 heads = head_dim 24 (not a power of two)
 ODD = dict(in_channels=3, patch_size=8, emb_size=72, img_size=48, depth=2, n_classes=10, num_heads=3)

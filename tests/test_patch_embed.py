@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import DTYPES, assert_matches, randn
 from vit_kernels import ops
 from vit_kernels.ops.patch_embed import patch_embed_torch
+
+from helpers import DTYPES, assert_matches, randn
 
 # (C, patch, H, W, E): patch 8/14/16/32, non-square images, C = 1..4, E not a multiple of the block
 CASES = [(3, 8, 40, 32, 48), (1, 14, 28, 42, 40), (4, 16, 32, 48, 72), (3, 32, 64, 32, 24), (2, 8, 36, 20, 33)]

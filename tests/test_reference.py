@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-import tutorial_vit as tutorial
 from vit_kernels import reference as R
+
+import tutorial_vit as tutorial
 
 TINY = dict(in_channels=3, patch_size=8, emb_size=64, img_size=40, depth=2, n_classes=10)  # N = 26
 

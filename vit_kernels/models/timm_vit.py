@@ -11,8 +11,15 @@ import torch
 from torch import nn
 
 from .. import ops
-from ._fused import (active_dropout, caster, check_same_device, compute_dtype, encoder_block, explicit_dtypes,
-                     warn_dropout_fallback)
+from ._fused import (
+    active_dropout,
+    caster,
+    check_same_device,
+    compute_dtype,
+    encoder_block,
+    explicit_dtypes,
+    warn_dropout_fallback,
+)
 
 POOLS = {"token": "token", "avg": "mean"}
 

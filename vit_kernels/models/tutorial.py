@@ -4,8 +4,15 @@ from __future__ import annotations
 import torch
 
 from .. import ops, reference
-from ._fused import (active_dropout, caster, check_same_device, compute_dtype, encoder_block, explicit_dtypes,
-                     warn_dropout_fallback)
+from ._fused import (
+    active_dropout,
+    caster,
+    check_same_device,
+    compute_dtype,
+    encoder_block,
+    explicit_dtypes,
+    warn_dropout_fallback,
+)
 
 
 class ViT(reference.ViT):

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..reference import attention_probabilities, check_mask
-from ._common import new_output, ForwardOnly, Tuned, check_tensor, config, dot_precision, row_major, use_kernels
+from ._common import ForwardOnly, Tuned, check_tensor, config, dot_precision, new_output, row_major, use_kernels
 
 LAYOUTS = ("h d qkv", "qkv h d")
 LOG2E = 1.4426950408889634

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import new_output, ForwardOnly, check_tensor, record_launch, row_major, use_kernels
+from ._common import ForwardOnly, check_tensor, new_output, record_launch, row_major, use_kernels
 from .layer_norm import MAX_WIDTH, check_layer_norm, layer_norm, normalize_rows
 from .linear import linear
 

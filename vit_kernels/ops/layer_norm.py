@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import new_output, ForwardOnly, check_tensor, check_vector, record_launch, row_major, use_kernels
+from ._common import ForwardOnly, check_tensor, check_vector, new_output, record_launch, row_major, use_kernels
 
 
 @triton.jit

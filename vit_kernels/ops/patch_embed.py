@@ -13,8 +13,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (ForwardOnly, Tuned, check_device, check_tensor, config, dot_precision, row_major,
-                      use_kernels, new_output)
+from ._common import (
+    ForwardOnly,
+    Tuned,
+    check_device,
+    check_tensor,
+    config,
+    dot_precision,
+    new_output,
+    row_major,
+    use_kernels,
+)
 
 
 @triton.jit
