@@ -14,6 +14,12 @@ import pytest  # noqa: E402
 ON_GPU = torch.cuda.is_available()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--random-cases", type=int, default=50,
+                     help="randomized model cases (and as many op cases) in test_random_equivalence.py; "
+                          "the default suite runs 50, stress runs pass more")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (real sizes, bf16); skipped on CPU machines")
     config.addinivalue_line("markers", "slow: long-running")

@@ -25,9 +25,16 @@ def test_verify_prints_a_passing_table(capsys):
     assert "FAIL" not in out and re.search(r"^\d+ passed, 0 failed$", out, re.M)
 
 
-def test_bad_option_exits_nonzero():
-    result = run("verify", "--config", "huge")
-    assert result.returncode == 2 and "invalid choice" in result.stderr
+@pytest.mark.parametrize("args,message", [
+    (("verify", "--config", "huge"), "invalid choice"),
+    (("verify", "--batch", "0"), "must be a positive integer"),
+    (("verify", "--batch", "two"), "invalid positive_int value"),
+    (("verify", "--dtype", "float64"), "invalid choice"),
+    (("compile-check", "--workers", "-1"), "must be a positive integer"),
+])
+def test_bad_options_exit_nonzero(args, message):
+    result = run(*args)
+    assert result.returncode == 2 and message in result.stderr
 
 
 def test_entry_point_is_installed():

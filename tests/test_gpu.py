@@ -2,11 +2,13 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import vit_kernels
 from vit_kernels import ops
 from vit_kernels import reference as R
 from vit_kernels.ops.attention import attention_torch
+from vit_kernels.ops.patch_embed import patch_embed_torch
 
 from helpers import assert_matches, randn
 
@@ -102,3 +104,42 @@ def test_more_heads_than_grid_axis_limit():
     got = ops.attention(qkv, 12, "qkv h d", "paper")
     assert_matches(got, attention_torch(qkv, 12, "qkv h d", "paper"),
                    attention_torch(qkv.double(), 12, "qkv h d", "paper"))
+
+
+BIG = 2**31 + 2**20  # elements: past int32 offsets
+
+
+def test_activations_past_2_to_31_elements():
+    """Real >2**31-element activations through LayerNorm and the GEMM (input, residual and output)."""
+    rows = BIG // 768 + 1
+    x = torch.randn(rows, 768, device="cuda", dtype=torch.bfloat16)
+    w, b = torch.randn(768, device="cuda", dtype=torch.bfloat16), torch.randn(768, device="cuda", dtype=torch.bfloat16)
+    tail = slice(rows - 300, rows)
+    y = ops.layer_norm(x, w, b, 1e-6)
+    torch.testing.assert_close(y[tail].float(), F.layer_norm(x[tail].float(), (768,), w.float(), b.float(), 1e-6),
+                               rtol=2e-2, atol=2e-2)
+    del y
+    wl = torch.randn(768, 768, device="cuda", dtype=torch.bfloat16) * 768 ** -0.5
+    out = ops.linear(x, wl, b, residual=x)
+    expected = x[tail].float() @ wl.float().t() + b.float() + x[tail].float()
+    torch.testing.assert_close(out[tail].float(), expected, rtol=3e-2, atol=3e-2)
+
+
+def test_attention_and_patch_embed_past_2_to_31_elements():
+    batch = BIG // (197 * 2304) + 1
+    qkv = torch.randn(batch, 197, 2304, device="cuda", dtype=torch.bfloat16)
+    out = ops.attention(qkv, 12, "qkv h d", "paper")
+    tail = slice(batch - 4, batch)
+    torch.testing.assert_close(out[tail].float(), attention_torch(qkv[tail].float(), 12, "qkv h d", "paper"),
+                               rtol=2e-2, atol=2e-2)
+    del qkv, out
+    images = BIG // (3 * 224 * 224) + 1
+    img = torch.randn(images, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(768, 3, 16, 16, device="cuda", dtype=torch.bfloat16) * 0.03
+    cls, pos = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16), torch.randn(197, 768, device="cuda",
+                                                                                      dtype=torch.bfloat16)
+    tokens = ops.patch_embed(img, weight, None, cls, pos)
+    assert tokens.numel() > 2**31
+    tail = slice(images - 4, images)
+    expected = patch_embed_torch(img[tail].float(), weight.float(), None, cls.float(), pos.float(), True)
+    torch.testing.assert_close(tokens[tail].float(), expected, rtol=3e-2, atol=3e-2)

@@ -139,13 +139,19 @@ def test_train_mode_without_dropout_uses_kernels_and_refuses_backward(device):
     (torch.randn(3, 48, 48), ValueError, "expected an image batch"),
     (torch.randn(2, 1, 48, 48), ValueError, "input channels"),
     (torch.randn(2, 3, 40, 40), ValueError, "differs from the size"),
-    (torch.randn(2, 3, 48, 48).double(), TypeError, "supported: float32"),
+    (torch.randn(2, 3, 48, 48).double(), TypeError, "differs from the model's parameters"),
     (torch.zeros(2, 3, 48, 48, dtype=torch.int32), TypeError, "floating-point"),
 ])
 def test_bad_input(x, error, match):
     _, fast = fused_twin(**ODD)
     with pytest.raises(error, match=match), torch.no_grad():
         fast(x)
+
+
+def test_float64_model_is_refused_by_the_kernels():
+    _, fast = fused_twin(**ODD)
+    with pytest.raises(TypeError, match="supported: float32, float16, bfloat16"), torch.no_grad():
+        fast.double()(image(ODD, dtype=torch.float64))
 
 
 def test_bad_mask():

@@ -48,6 +48,13 @@ def cmd_compile_check(args) -> int:
     return 1 if bad else 0
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-kernels", description="Fused Triton kernels for Vision Transformers.")
     parser.add_argument("--version", action="version", version=f"vit_kernels {__version__}")
@@ -55,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check the fused ViT and from_timm models against the reference "
                                            "(the default command)")
     verify.add_argument("--config", choices=["tiny", "vit_b_16"], help="default: vit_b_16 on a GPU, tiny on CPU")
-    verify.add_argument("--batch", type=int, default=2)
+    verify.add_argument("--batch", type=positive_int, default=2)
     verify.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"],
                         help="repeatable; default: float32, float16 (+ bfloat16 on a GPU)")
     verify.add_argument("--no-timm", action="store_true", help="skip the from_timm models")
@@ -63,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_verify)
     check = sub.add_parser("compile-check", help="compile every kernel/config for sm_80 and sm_90 (no GPU needed) "
                                                  "and report errors, register spills and shared memory")
-    check.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    check.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1)
     check.add_argument("-v", "--verbose", action="store_true", help="list every case, not only failures")
     check.set_defaults(func=cmd_compile_check)
     return parser

@@ -29,10 +29,16 @@ def caster(dtype: torch.dtype):
     return lambda t: None if t is None else t.to(dtype)
 
 
-def check_same_device(model: nn.Module, x: torch.Tensor) -> None:
+def check_matches_model(model: nn.Module, x: torch.Tensor) -> None:
+    """Same device as the parameters, and (outside autocast) the same dtype, as a PyTorch module demands."""
     param = next(model.parameters(), None)
-    if param is not None and param.device != x.device:
+    if param is None:
+        return
+    if param.device != x.device:
         raise ValueError(f"input is on {x.device} but the model's parameters are on {param.device}")
+    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"input dtype {x.dtype} differs from the model's parameters ({param.dtype}); convert "
+                        f"one of them (e.g. model.to({x.dtype})) or run under torch.autocast")
 
 
 def active_dropout(model: nn.Module) -> list:

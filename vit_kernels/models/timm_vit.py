@@ -14,7 +14,7 @@ from .. import ops
 from ._fused import (
     active_dropout,
     caster,
-    check_same_device,
+    check_matches_model,
     compute_dtype,
     encoder_block,
     explicit_dtypes,
@@ -146,7 +146,7 @@ class TimmViT(nn.Module):
     def _reference_path(self, x: torch.Tensor) -> bool:
         """Checks x; True (with a one-time warning) when train-mode dropout needs timm's own forward."""
         self._check_image(x)
-        check_same_device(self, x)
+        check_matches_model(self, x)
         dropping = active_dropout(self)
         if dropping:
             warn_dropout_fallback(self, dropping)

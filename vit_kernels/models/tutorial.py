@@ -7,7 +7,7 @@ from .. import ops, reference
 from ._fused import (
     active_dropout,
     caster,
-    check_same_device,
+    check_matches_model,
     compute_dtype,
     encoder_block,
     explicit_dtypes,
@@ -29,7 +29,7 @@ class ViT(reference.ViT):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         embed, encoder, head = self[0], self[1], self[2]
         reference.check_image(x, embed.in_channels, embed.img_size)
-        check_same_device(self, x)
+        check_matches_model(self, x)
         dropping = active_dropout(self)
         if dropping:
             warn_dropout_fallback(self, dropping)

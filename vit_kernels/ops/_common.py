@@ -108,6 +108,25 @@ def new_output(shape, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
+MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0; axes 1 and 2 stop at 65,535
+MAX_GRID_YZ = 65535
+MAX_SAMPLE_ELEMENTS = 2**31 - 1  # int32 offsets inside one image/sample; across samples they are int64
+
+
+def launch_grid(*dims: int) -> tuple:
+    """A launch grid, checked against CUDA's limits (every kernel here puts the large count on axis 0)."""
+    if dims[0] > MAX_GRID_X or any(d > MAX_GRID_YZ for d in dims[1:]):
+        raise ValueError(f"launch grid {dims} exceeds CUDA's limits ({MAX_GRID_X} on axis 0, {MAX_GRID_YZ} on "
+                         "axes 1 and 2)")
+    return dims
+
+
+def check_sample_size(name: str, elements: int) -> None:
+    if elements > MAX_SAMPLE_ELEMENTS:
+        raise ValueError(f"one sample of {name} spans {elements} elements; the kernels index within a sample "
+                         f"with int32 offsets (limit {MAX_SAMPLE_ELEMENTS})")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact fp32 products (PyTorch's default: TF32 off); 16-bit inputs are exact anyway."""
     return "ieee" if dtype == torch.float32 else "tf32"

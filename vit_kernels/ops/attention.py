@@ -17,7 +17,18 @@ import triton
 import triton.language as tl
 
 from ..reference import attention_probabilities, check_mask
-from ._common import ForwardOnly, Tuned, check_tensor, config, dot_precision, new_output, row_major, use_kernels
+from ._common import (
+    ForwardOnly,
+    Tuned,
+    check_sample_size,
+    check_tensor,
+    config,
+    dot_precision,
+    launch_grid,
+    new_output,
+    row_major,
+    use_kernels,
+)
 
 LAYOUTS = ("h d qkv", "qkv h d")
 LOG2E = 1.4426950408889634
@@ -125,12 +136,17 @@ def attention_launch(qkv, num_heads, layout, scaling, mask):
     if mask is not None:
         mask_arg, mask_strides = contiguous_key_mask(mask, N)
     ATTENTION.launch(
-        "attention", None, lambda meta: (B * num_heads * triton.cdiv(N, meta["BLOCK_M"]),),
+        "attention", None, lambda meta: attention_grid(B, num_heads, N, meta["BLOCK_M"]),
         qkv, mask_arg, out, N, num_heads, E, qk_scale, out_scale, qkv.stride(0), qkv.stride(1),
         *mask_strides, out.stride(0), out.stride(1), D=D,
         INTERLEAVED=layout == "h d qkv", HAS_MASK=mask is not None, DOT_PRECISION=dot_precision(qkv.dtype),
         BLOCK_D=max(16, triton.next_power_of_2(D)))
     return out
+
+
+def attention_grid(batch: int, heads: int, tokens: int, block_m: int) -> tuple:
+    """One program per (batch, head, query tile), flattened onto axis 0: batch x heads may pass 65,535."""
+    return launch_grid(batch * heads * triton.cdiv(tokens, block_m))
 
 
 def contiguous_key_mask(mask, N):
@@ -185,6 +201,7 @@ def check_attention(qkv, num_heads, layout, scaling, mask):
     check_mask(mask, qkv.shape[0], num_heads, qkv.shape[1])
     if mask is not None and mask.device != qkv.device:
         raise ValueError(f"mask is on {mask.device} but qkv is on {qkv.device}")
+    check_sample_size("qkv", qkv.shape[1] * qkv.stride(1) if qkv.dim() == 3 and qkv.shape[1] else 0)
     head_dim = qkv.shape[2] // 3 // num_heads
     if head_dim > 256:
         raise ValueError(f"head_dim {head_dim} exceeds the kernel's maximum of 256")

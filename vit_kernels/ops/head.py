@@ -9,7 +9,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ForwardOnly, check_tensor, new_output, record_launch, row_major, use_kernels
+from ._common import (
+    ForwardOnly,
+    check_sample_size,
+    check_tensor,
+    launch_grid,
+    new_output,
+    record_launch,
+    row_major,
+    use_kernels,
+)
 from .layer_norm import MAX_WIDTH, check_layer_norm, layer_norm, normalize_rows
 from .linear import linear
 
@@ -48,7 +57,7 @@ def pool_norm_launch(x, pool, start, weight, bias, eps, norm):
         return y
     block_e = triton.next_power_of_2(E)
     record_launch("pool_norm")
-    _pool_norm_kernel[(B,)](
+    _pool_norm_kernel[launch_grid(B)](
         x, x if weight is None else weight, x if bias is None else bias, y, N, E, start,
         x.stride(0), x.stride(1), y.stride(0), eps, MEAN=pool == "mean", NORM=norm,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
@@ -71,6 +80,7 @@ def pool_tokens(x: torch.Tensor, pool: str = "mean", start: int = 0, weight: tor
     N = x.shape[1]
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < N:
         raise ValueError(f"start token {start!r} outside the {N} tokens")
+    check_sample_size("x", x.shape[1] * x.stride(1))
     if x.shape[2] > MAX_WIDTH:
         raise ValueError(f"width {x.shape[2]} exceeds the kernel's maximum {MAX_WIDTH}")
     if norm:

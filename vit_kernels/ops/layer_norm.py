@@ -6,7 +6,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import ForwardOnly, check_tensor, check_vector, new_output, record_launch, row_major, use_kernels
+from ._common import (
+    ForwardOnly,
+    check_tensor,
+    check_vector,
+    launch_grid,
+    new_output,
+    record_launch,
+    row_major,
+    use_kernels,
+)
 
 
 @triton.jit
@@ -62,7 +71,7 @@ def layer_norm_launch(x, weight, bias, eps):
         return y, mean, rstd
     meta = layer_norm_meta(E)
     record_launch("layer_norm")
-    _layer_norm_fwd_kernel[(triton.cdiv(M, meta["ROWS"]),)](
+    _layer_norm_fwd_kernel[launch_grid(triton.cdiv(M, meta["ROWS"]))](
         x, x if weight is None else weight, x if bias is None else bias, y, mean, rstd, M, E,
         x.stride(0), y.stride(0), eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **meta)
     return y, mean, rstd

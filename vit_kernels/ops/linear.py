@@ -18,6 +18,7 @@ from ._common import (
     check_vector,
     config,
     dot_precision,
+    launch_grid,
     new_output,
     row_major,
     use_kernels,
@@ -163,7 +164,7 @@ def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=No
         return out
     dummy = x  # never read: its flag is off
     LINEAR.launch(
-        "linear", config, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+        "linear", config, lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),
         x, weight, dummy if bias is None else bias, dummy if scale is None else scale,
         dummy if residual is None else residual, out, M, N, K,
         x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),

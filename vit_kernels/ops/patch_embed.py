@@ -17,9 +17,11 @@ from ._common import (
     ForwardOnly,
     Tuned,
     check_device,
+    check_sample_size,
     check_tensor,
     config,
     dot_precision,
+    launch_grid,
     new_output,
     row_major,
     use_kernels,
@@ -108,7 +110,7 @@ def patch_embed_launch(img, weight, bias, prefix, pos, pos_on_prefix):
         return out
     w2 = weight.reshape(E, K)  # a view of the conv weight: (c, i, j) order
     PATCH_EMBED.launch(
-        "patch_embed", None, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(E, meta["BLOCK_N"])),
+        "patch_embed", None, lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(E, meta["BLOCK_N"])),
         img, w2, img if bias is None else bias, prefix if P else img, img if pos is None else pos, out,
         M, T, E, K, P, gw, *img.stride(), w2.stride(0), PATCH=p,
         HAS_BIAS=bias is not None, HAS_POS=pos is not None, POS_ON_PREFIX=pos_on_prefix,
@@ -139,6 +141,7 @@ def check_patch_embed(img, weight, bias, prefix, pos, pos_on_prefix):
     check_tensor("weight", weight, dims=4, dtype=img.dtype)
     check_device("weight", weight, img.device)
     E, C, p, q = weight.shape
+    check_sample_size("image", img[0].numel() if img.shape[0] else 0)
     if p != q:
         raise ValueError(f"patch must be square, weight has kernel {p}x{q}")
     if img.shape[1] != C:
