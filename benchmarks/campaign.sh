@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
-# One GPU call: the whole test suite (GPU-marked tests included), then the benchmarks. Logs and JSON land in
-# $OUT when the device tool runs it, else in benchmarks/results/.
-#   bash benchmarks/campaign.sh [pytest args...]
+# One GPU call turns into all the evidence: the GPU-marked tests, the end-to-end and per-op benchmarks with
+# their torch.compile baselines, JSON + PNG + Markdown tables, and a short summary printed last.
+#   bash benchmarks/campaign.sh [OUTDIR]        (default: $OUT when the device tool runs it, else benchmarks/results)
+# Planned to fit 9 minutes on an H100 (the compile baselines only at batch 1 and 256; max-autotune only for
+# ViT-B/16). Set CAMPAIGN_FULL_TESTS=1 to run the whole test suite instead of the GPU-marked tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-out=${OUT:-benchmarks/results}
+out=${1:-${OUT:-benchmarks/results}}
 mkdir -p "$out"
+start=$(date +%s)
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-python3 -m pytest -q $workers "$@" 2>&1 | tee "$out/pytest.log" | tail -40
-status=${PIPESTATUS[0]}
-python3 benchmarks/bench_attention.py 2>&1 | tee "$out/bench_attention.log"
-python3 benchmarks/bench_vit.py 2>&1 | tee "$out/bench_vit.log"
-exit "$status"
+marker=$([ "${CAMPAIGN_FULL_TESTS:-0}" = 1 ] && echo "" || echo "-m gpu")
+python3 -m pytest -q $workers $marker 2>&1 | tee "$out/pytest.log" | tail -5
+tests=${PIPESTATUS[0]}
+cli="python3 -m vit_kernels.cli bench --out $out"
+$cli --model vit_b_16 --batch 1 8 32 64 128 256 --ops none --compile default max-autotune --compile-batches 1 256 \
+    2>&1 | tee "$out/bench_vit_b16.log" | tail -25
+$cli --model vit_s_16 vit_l_16 --batch 1 64 256 --ops none --compile default --compile-batches 256 \
+    2>&1 | tee "$out/bench_vit_s_l.log" | tail -15
+$cli --model vit_b_16 vit_l_16 --batch 64 256 --no-e2e --compile none 2>&1 | tee "$out/bench_ops.log" | tail -40
+echo
+echo "== campaign summary ($(( $(date +%s) - start )) s) =="
+tail -3 "$out/pytest.log"
+grep -h "headline" "$out"/bench_vit_b16.log || echo "no headline (see $out/bench_vit_b16.log)"
+ls "$out"
+exit "$tests"

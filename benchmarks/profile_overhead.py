@@ -15,9 +15,8 @@ import torch
 
 import vit_kernels
 from vit_kernels import ops
+from vit_kernels.bench.timing import device_info, save_json
 from vit_kernels.ops.linear import linear_launch
-
-from common import save_results
 
 
 def issue_us(fn, n=200):
@@ -64,8 +63,10 @@ def main():
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
     print(text.getvalue())
-    save_results("overhead", dict(benchmark="profile_overhead", batch=args.batch, issue_us=rows,
-                                  cprofile_top=text.getvalue()))
+    path = save_json("benchmarks/results", "overhead", dict(device=device_info(), benchmark="profile_overhead",
+                                                            batch=args.batch, issue_us=rows,
+                                                            cprofile_top=text.getvalue()))
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":

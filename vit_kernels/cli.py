@@ -36,6 +36,56 @@ def cmd_verify(args) -> int:
     return 1 if failed else 0
 
 
+CPU_NOTICE = ("CPU version: Triton interpreter and eager PyTorch on a tiny model. These times say nothing "
+              "about GPU performance; real numbers need a GPU.")
+
+
+def cmd_bench(args) -> int:
+    where = _prepare_backend()
+    import torch
+
+    from .bench import on_gpu, run_e2e, run_ops
+    from .bench.report import e2e_table, ops_table, plot_e2e, plot_ops
+    from .bench.timing import save_json
+
+    gpu = on_gpu()
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    if not gpu and dtype == torch.bfloat16:
+        print("bfloat16 is computed wrongly by Triton's interpreter: use --dtype float32 or float16 on a CPU",
+              file=sys.stderr)
+        return 2
+    models = args.model or (["vit_s_16", "vit_b_16", "vit_l_16"] if gpu else ["tiny"])
+    batches = args.batch or ([1, 8, 32, 64, 128, 256] if gpu else [2])
+    op_names = [] if args.ops == ["none"] else (args.ops or ["patch_embed", "layer_norm", "linear", "attention",
+                                                              "mlp"])
+    compile_modes = [] if args.compile == ["none"] else (args.compile or ["default", "max-autotune"])
+    print(f"vit_kernels {__version__} benchmarks on {where}")
+    if not gpu:
+        print(CPU_NOTICE)
+    out = args.out
+    tables = []
+    if not args.no_e2e:
+        result = run_e2e(models, batches, dtype, compile_modes, compile_batches=args.compile_batches)
+        path = save_json(out, "e2e", result)
+        plot = plot_e2e(result, path.with_suffix(".png"))
+        tables.append(e2e_table(result))
+        print(f"saved {path} and {plot}")
+    if op_names:
+        op_models = args.model or (["vit_b_16"] if gpu else ["tiny"])
+        op_batches = args.batch or ([256] if gpu else [2])
+        result = run_ops(op_names, op_models, op_batches, dtype, compile_baselines=bool(compile_modes))
+        path = save_json(out, "ops", result)
+        plot = plot_ops(result, path.with_suffix(".png"))
+        tables.append(ops_table(result))
+        print(f"saved {path} and {plot}")
+    print()
+    print("\n\n".join(tables))
+    if not gpu:
+        print()
+        print(CPU_NOTICE)
+    return 0
+
+
 def cmd_compile_check(args) -> int:
     from . import compile_check
 
@@ -68,6 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--no-timm", action="store_true", help="skip the from_timm models")
     verify.add_argument("--seed", type=int, default=0)
     verify.set_defaults(func=cmd_verify)
+    bench = sub.add_parser("bench", help="benchmark the fused models and ops against PyTorch/timm baselines "
+                                         "(GPU; a labelled small CPU version elsewhere)")
+    bench.add_argument("--model", nargs="+", choices=["vit_s_16", "vit_b_16", "vit_l_16", "vit_h_14", "tiny"],
+                       help="default: vit_s_16 vit_b_16 vit_l_16 on a GPU, tiny on a CPU")
+    bench.add_argument("--batch", nargs="+", type=positive_int, help="default: 1 8 32 64 128 256 (GPU), 2 (CPU)")
+    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                       help="default: bfloat16 on a GPU, float32 on a CPU")
+    bench.add_argument("--ops", nargs="+", choices=["patch_embed", "layer_norm", "linear", "attention", "mlp", "none"],
+                       help="per-op benchmarks to run (default: all; 'none' skips them)")
+    bench.add_argument("--compile", nargs="+", choices=["default", "max-autotune", "none"],
+                       help="torch.compile baselines (GPU only; default: default max-autotune)")
+    bench.add_argument("--compile-batches", nargs="+", type=positive_int,
+                       help="batches at which the torch.compile baselines run (default: all; compiling is slow)")
+    bench.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model benchmark")
+    bench.add_argument("--out", default="benchmarks/results", help="directory for JSON and PNG files")
+    bench.set_defaults(func=cmd_bench)
     check = sub.add_parser("compile-check", help="compile every kernel/config for sm_80 and sm_90 (no GPU needed) "
                                                  "and report errors, register spills and shared memory")
     check.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1)
@@ -76,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = ("verify", "compile-check")
+COMMANDS = ("verify", "bench", "compile-check")
 
 
 def main(argv=None) -> int:

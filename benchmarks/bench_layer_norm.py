@@ -1,0 +1,10 @@
+"""Per-op benchmark: layer_norm at ViT shapes vs its PyTorch baselines (see `vit-kernels bench --help`).
+
+    PYTHONPATH=$PWD python benchmarks/bench_layer_norm.py [--model vit_b_16 vit_l_16] [--batch 64 256]
+"""
+import sys
+
+from vit_kernels.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "--no-e2e", "--ops", "layer_norm", *sys.argv[1:]]))

@@ -1,0 +1,42 @@
+"""`vit-kernels bench` in its CPU form: labelled, never GPU-looking, and it writes JSON, plots and tables."""
+import json
+
+import pytest
+
+from vit_kernels import cli
+from vit_kernels.bench import HEADLINE_KEYS, on_gpu, run_ops
+from vit_kernels.bench.models import gflop_per_image
+
+pytestmark = pytest.mark.skipif(on_gpu(), reason="the CPU version of the benchmarks; GPU runs are the campaign's")
+
+
+def test_cpu_bench_writes_labelled_results(tmp_path, capsys):
+    assert cli.main(["bench", "--batch", "1", "--ops", "layer_norm", "attention", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("real numbers need a GPU") == 2  # before and after the tables
+    assert "| tiny | 1 | ours (from_timm) |" in out and "| attention | tiny B=1 | sdpa |" in out
+    e2e = json.loads(next(tmp_path.glob("e2e_cpu_*.json")).read_text())
+    assert tuple(e2e["headline"]) == HEADLINE_KEYS and set(e2e["headline"].values()) == {None}
+    assert e2e["device"]["gpu"] is None and "not GPU performance" in e2e["device"]["note"]
+    assert {r["candidate"] for r in e2e["rows"]} == {"ours (from_timm)", "timm eager (SDPA)", "reference eager",
+                                                     "ours (tutorial ViT)"}
+    assert all(r["tflops"] is None and r["mfu"] is None and r["graph_ms"] is None for r in e2e["rows"])
+    ops = json.loads(next(tmp_path.glob("ops_cpu_*.json")).read_text())
+    assert {r["op"] for r in ops["rows"]} == {"layer_norm", "attention"}
+    assert all(r["gbps"] is None and r["tflops"] is None for r in ops["rows"])
+    assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_bf16_on_cpu_is_refused(capsys):
+    assert cli.main(["bench", "--dtype", "bfloat16"]) == 2
+    assert "interpreter" in capsys.readouterr().err
+
+
+def test_unknown_op_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown ops"):
+        run_ops(["softmax"], ["tiny"], [1])
+
+
+def test_flop_model():
+    assert gflop_per_image("vit_b_16") == pytest.approx(35.2, abs=0.15)  # the GPU rounds' 35.2 GFLOP/image
+    assert gflop_per_image("vit_l_16") > 3 * gflop_per_image("vit_b_16")

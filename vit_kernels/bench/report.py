@@ -1,0 +1,86 @@
+"""Markdown tables and matplotlib plots of benchmark results."""
+from __future__ import annotations
+
+import pathlib
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def e2e_table(result: dict) -> str:
+    lines = ["| model | batch | candidate | ms | img/s | MFU | CUDA graph ms | vs timm eager |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['candidate']} | {r['ms']:.3f} | {r['img_per_s']:.0f} | "
+                     f"{_fmt(r['mfu'], '.1%')} | {_fmt(r['graph_ms'], '.3f')} | {r['speedup_vs_timm_eager']:.2f}x |")
+    head = result.get("headline") or {}
+    if any(v is not None for v in head.values()):
+        lines += ["", "headline (ViT-B/16, bf16): " + ", ".join(f"{k}={_fmt(v, '.4g') if isinstance(v, float) else v}"
+                                                               for k, v in head.items())]
+    return "\n".join(lines)
+
+
+def ops_table(result: dict) -> str:
+    lines = ["| op | shape | implementation | ms | TFLOP/s | GB/s | % of peak | ours is faster by |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.4f} | {_fmt(r['tflops'], '.1f')} | "
+                     f"{_fmt(r['gbps'], '.0f')} | {_fmt(r['frac_of_peak'], '.0%')} | {r['ours_speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot_e2e(result: dict, path) -> pathlib.Path:
+    """img/s against batch size, one panel per model, one line per candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = [r for r in result["rows"] if r["model"] == model]
+        for cand in dict.fromkeys(r["candidate"] for r in rows):
+            pts = sorted((r["batch"], r["img_per_s"]) for r in rows if r["candidate"] == cand)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=cand)
+        ax.set(xscale="log", xlabel="batch", ylabel="images / s", title=model)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(_title(result))
+    return _save(fig, path)
+
+
+def plot_ops(result: dict, path) -> pathlib.Path:
+    """Our speed-up over the best baseline, one bar per op and shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours = [r for r in result["rows"] if r["impl"] == "ours" and r.get("speedup_ours_vs_best_baseline")]
+    labels = [f"{r['op']}\n{r['shape']}" for r in ours]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ours)), 4.5))
+    ax.bar(range(len(ours)), [r["speedup_ours_vs_best_baseline"] for r in ours])
+    ax.axhline(1.0, color="gray", linestyle="--")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(ours)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("speed-up of ours over the best baseline")
+    ax.set_title(_title(result))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _title(result: dict) -> str:
+    dev = result["device"]
+    where = dev["gpu"] or "CPU (Triton interpreter): not GPU performance"
+    return f"{where} | torch {dev['torch']} | triton {dev['triton']} | {dev['date'][:10]}"
+
+
+def _save(fig, path) -> pathlib.Path:
+    import matplotlib.pyplot as plt
+
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
