@@ -15,13 +15,13 @@ def test_cpu_bench_writes_labelled_results(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("real numbers need a GPU") == 2  # before and after the tables
     assert "| tiny | 1 | ours (from_timm) |" in out and "| attention | tiny B=1 | sdpa |" in out
-    e2e = json.loads(next(tmp_path.glob("e2e_cpu_*.json")).read_text())
+    e2e = json.loads(next(tmp_path.glob("e2e_tiny_cpu_*.json")).read_text())
     assert tuple(e2e["headline"]) == HEADLINE_KEYS and set(e2e["headline"].values()) == {None}
     assert e2e["device"]["gpu"] is None and "not GPU performance" in e2e["device"]["note"]
     assert {r["candidate"] for r in e2e["rows"]} == {"ours (from_timm)", "timm eager (SDPA)", "reference eager",
                                                      "ours (tutorial ViT)"}
     assert all(r["tflops"] is None and r["mfu"] is None and r["graph_ms"] is None for r in e2e["rows"])
-    ops = json.loads(next(tmp_path.glob("ops_cpu_*.json")).read_text())
+    ops = json.loads(next(tmp_path.glob("ops_tiny_cpu_*.json")).read_text())
     assert {r["op"] for r in ops["rows"]} == {"layer_norm", "attention"}
     assert all(r["gbps"] is None and r["tflops"] is None for r in ops["rows"])
     assert len(list(tmp_path.glob("*.png"))) == 2

@@ -66,7 +66,7 @@ def cmd_bench(args) -> int:
     tables = []
     if not args.no_e2e:
         result = run_e2e(models, batches, dtype, compile_modes, compile_batches=args.compile_batches)
-        path = save_json(out, "e2e", result)
+        path = save_json(out, "e2e", result, tag="-".join(models))
         plot = plot_e2e(result, path.with_suffix(".png"))
         tables.append(e2e_table(result))
         print(f"saved {path} and {plot}")
@@ -74,7 +74,7 @@ def cmd_bench(args) -> int:
         op_models = args.model or (["vit_b_16"] if gpu else ["tiny"])
         op_batches = args.batch or ([256] if gpu else [2])
         result = run_ops(op_names, op_models, op_batches, dtype, compile_baselines=bool(compile_modes))
-        path = save_json(out, "ops", result)
+        path = save_json(out, "ops", result, tag="-".join(op_models))
         plot = plot_ops(result, path.with_suffix(".png"))
         tables.append(ops_table(result))
         print(f"saved {path} and {plot}")

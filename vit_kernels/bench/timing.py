@@ -90,10 +90,11 @@ def device_info() -> dict:
     return info
 
 
-def save_json(out_dir, kind: str, payload: dict) -> pathlib.Path:
+def save_json(out_dir, kind: str, payload: dict, tag: str = "") -> pathlib.Path:
+    """``<kind>[_<tag>]_<card>_<date>.json`` under out_dir (the tag keeps runs of one day apart)."""
     info = payload["device"]
     card = (info["gpu"] or "cpu").replace(" ", "_").replace("/", "_")
-    path = pathlib.Path(out_dir) / f"{kind}_{card}_{info['date'][:10]}.json"
+    path = pathlib.Path(out_dir) / f"{kind}{'_' + tag if tag else ''}_{card}_{info['date'][:10]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     return path
