@@ -10,7 +10,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    ForwardOnly,
     check_sample_size,
     check_tensor,
     launch_grid,
@@ -19,7 +18,7 @@ from ._common import (
     row_major,
     use_kernels,
 )
-from .layer_norm import MAX_WIDTH, check_layer_norm, layer_norm, normalize_rows
+from .layer_norm import MAX_WIDTH, check_layer_norm, layer_norm, layer_norm_backward, layer_norm_launch, normalize_rows
 from .linear import linear
 
 POOLS = ("mean", "token")
@@ -65,10 +64,31 @@ def pool_norm_launch(x, pool, start, weight, bias, eps, norm):
     return y
 
 
-class PoolNormFunction(ForwardOnly):
+class PoolNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pool, start, weight, bias, eps, norm):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.args = (pool, start, eps, norm)
         return pool_norm_launch(x, pool, start, weight, bias, eps, norm)
+
+    @staticmethod
+    def backward(ctx, dy):
+        """[B, E]-sized work: recompute the pooled row, LayerNorm backward with our kernel, spread to tokens."""
+        x, weight, bias = ctx.saved_tensors
+        pool, start, eps, norm = ctx.args
+        pooled = x[:, start:].float().mean(1).to(x.dtype) if pool == "mean" else x[:, start]
+        dw = db = None
+        if norm:
+            _, mean, rstd = layer_norm_launch(pooled, weight, bias, eps)
+            dpooled, dw, db = layer_norm_backward(dy, pooled, weight, mean, rstd)
+        else:
+            dpooled = dy
+        dx = torch.zeros_like(x)
+        if pool == "mean":
+            dx[:, start:] = (dpooled.float() / (x.shape[1] - start)).to(x.dtype)[:, None, :]
+        else:
+            dx[:, start] = dpooled
+        return (dx, None, None, dw if weight is not None else None, db if bias is not None else None, None, None)
 
 
 def pool_tokens(x: torch.Tensor, pool: str = "mean", start: int = 0, weight: torch.Tensor | None = None,

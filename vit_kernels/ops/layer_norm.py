@@ -7,7 +7,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    ForwardOnly,
     check_tensor,
     check_vector,
     launch_grid,
@@ -49,6 +48,38 @@ def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, E,
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
+@triton.jit
+def _layer_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, M, E,
+                           rows_per_program, stride_dym, stride_xm, stride_dxm,
+                           HAS_WEIGHT: tl.constexpr, BLOCK_E: tl.constexpr):
+    """dx for a run of rows, plus this program's fp32 partial sums of dW and dB: a second, fixed-order
+    reduction over programs makes the weight gradients deterministic (no atomics)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(col_ok, 1.0, 0.0)
+    dw_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    first = pid.to(tl.int64) * rows_per_program
+    for i in range(0, rows_per_program):
+        row = first + i
+        ok = col_ok & (row < M)  # the last program's run may pass M: masked rows add zeros
+        x = tl.load(x_ptr + row * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * stride_dym + cols, mask=ok, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row, mask=row < M, other=0.0)
+        xhat = tl.where(ok, (x - tl.load(mean_ptr + row, mask=row < M, other=0.0)) * rstd, 0.0)
+        wdy = w * dy
+        dx = (wdy - (xhat * (tl.sum(xhat * wdy, axis=0) / E) + tl.sum(wdy, axis=0) / E)) * rstd
+        tl.store(dx_ptr + row * stride_dxm + cols, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        dw_acc += dy * xhat
+        db_acc += dy
+    tl.store(dw_part_ptr + pid * E + cols, dw_acc, mask=col_ok)
+    tl.store(db_part_ptr + pid * E + cols, db_acc, mask=col_ok)
+
+
 MAX_WIDTH = 65536  # one row lives in registers/shared memory
 
 
@@ -77,11 +108,47 @@ def layer_norm_launch(x, weight, bias, eps):
     return y, mean, rstd
 
 
-class LayerNormFunction(ForwardOnly):
+def layer_norm_backward(dy, x, weight, mean, rstd):
+    """(dx, dweight, dbias): dx per row in one pass; dW/dB from fp32 per-program partials summed in a fixed
+    order. Gradients come back in the dtypes of x and weight."""
+    dy, x = row_major(dy), row_major(x)
+    M, E = x.shape
+    dx = new_output((M, E), x.device, x.dtype)
+    programs = max(1, min(M, 4 * _sm_count(x.device)))
+    rows_per_program = triton.cdiv(M, programs) if M else 1
+    programs = triton.cdiv(M, rows_per_program) if M else 1
+    dw_part = torch.zeros((programs, E), device=x.device, dtype=torch.float32)
+    db_part = torch.zeros((programs, E), device=x.device, dtype=torch.float32)
+    if M:
+        record_launch("layer_norm_backward")
+        block_e = triton.next_power_of_2(E)
+        _layer_norm_bwd_kernel[launch_grid(programs)](
+            dy, x, x if weight is None else weight, mean, rstd, dx, dw_part, db_part, M, E, rows_per_program,
+            dy.stride(0), x.stride(0), dx.stride(0), HAS_WEIGHT=weight is not None, BLOCK_E=block_e,
+            num_warps=min(16, max(1, block_e // 256)))
+    wdtype = x.dtype if weight is None else weight.dtype
+    return dx, dw_part.sum(0).to(wdtype), db_part.sum(0).to(wdtype)
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: few programs, each looping over many rows
+
+
+class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        y, _mean, _rstd = layer_norm_launch(x, weight, bias, eps)
+        y, mean, rstd = layer_norm_launch(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.has_bias = bias is not None
         return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = layer_norm_backward(dy, x, weight, mean, rstd)
+        return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None
 
 
 def check_layer_norm(x, weight, bias, eps):

@@ -11,7 +11,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    ForwardOnly,
     Tuned,
     check_device,
     check_tensor,
@@ -173,10 +172,56 @@ def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=No
     return out
 
 
-class LinearFunction(ForwardOnly):
+def gelu_derivative(pre: torch.Tensor, activation: str) -> torch.Tensor:
+    """d GELU / d pre, in fp32 (exact: Phi(x) + x phi(x); tanh: the derivative of the tanh approximation)."""
+    x = pre.float()
+    if activation == "gelu_tanh":
+        inner = 0.7978845608028654 * (x + 0.044715 * x ** 3)
+        t = torch.tanh(inner)
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * 0.7978845608028654 * (1 + 3 * 0.044715 * x * x)
+    return 0.5 * (1 + torch.erf(x * 0.7071067811865476)) + x * torch.exp(-0.5 * x * x) * 0.3989422804014327
+
+
+def linear_backward(dy, x, weight, bias, activation, scale, deinterleave, needs):
+    """(dx, dweight, dbias, dscale, dresidual). The GEMMs are cuBLAS through torch.mm (allowed for the plain
+    GEMMs of backward); the pre-activation is recomputed with our kernel only when GELU or scale needs it."""
+    dy32 = dy.float()
+    need_pre = activation is not None or (scale is not None and needs[4])
+    pre = linear_launch(x, weight, bias, None, None, None, deinterleave).float() if need_pre else None
+    dscale = None
+    if scale is not None:
+        if needs[4]:
+            act = pre if activation is None else F.gelu(pre, approximate="tanh" if activation == "gelu_tanh"
+                                                        else "none")
+            dscale = (dy32 * act).sum(0).to(scale.dtype)
+        dy32 = dy32 * scale.float()
+    if activation is not None:
+        dy32 = dy32 * gelu_derivative(pre, activation)
+    if deinterleave > 1:  # back from output order to weight-row order
+        m, n = dy32.shape
+        dy32 = dy32.view(m, deinterleave, n // deinterleave).transpose(1, 2).reshape(m, n)
+    g = dy32.to(x.dtype)
+    dx = torch.mm(g, weight) if needs[0] else None
+    dw = torch.mm(g.t(), x) if needs[1] else None
+    db = dy32.sum(0).to(bias.dtype) if bias is not None and needs[2] else None
+    return dx, dw, db, dscale
+
+
+class LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, activation, scale, residual, deinterleave):
+        ctx.save_for_backward(x, weight, bias, scale)
+        ctx.activation, ctx.deinterleave, ctx.has_residual = activation, deinterleave, residual is not None
         return linear_launch(x, weight, bias, activation, scale, residual, deinterleave)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, scale = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2], None,
+                 ctx.needs_input_grad[4])
+        dx, dw, db, dscale = linear_backward(dy, x, weight, bias, ctx.activation, scale, ctx.deinterleave, needs)
+        dres = dy if ctx.has_residual and ctx.needs_input_grad[5] else None
+        return dx, dw, db, None, dscale, dres, None
 
 
 def linear_torch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1):

@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    ForwardOnly,
     Tuned,
     check_device,
     check_tensor,
@@ -118,10 +117,35 @@ def patch_embed_launch(img, weight, bias, prefix, pos, pos_on_prefix):
     return out
 
 
-class PatchEmbedFunction(ForwardOnly):
+def patch_embed_backward(dy, img, weight, prefix_rows, pos_on_prefix, needs):
+    """(dimg, dweight, dbias, dprefix, dpos). The conv gradients are cuBLAS/cuDNN through torch (the plain
+    GEMMs of backward); the rest are sums over the batch of dy's rows."""
+    B, _, H, W = img.shape
+    E, _, p, _ = weight.shape
+    dpatch = dy[:, prefix_rows:]  # [B, L, E]
+    dconv = dpatch.transpose(1, 2).reshape(B, E, H // p, W // p)
+    dimg = torch.nn.grad.conv2d_input(img.shape, weight, dconv, stride=p) if needs[0] else None
+    dweight = torch.nn.grad.conv2d_weight(img, weight.shape, dconv, stride=p) if needs[1] else None
+    dbias = dpatch.float().sum((0, 1)).to(weight.dtype) if needs[2] else None
+    dprefix = dy[:, :prefix_rows].float().sum(0).to(weight.dtype) if needs[3] else None
+    dpos = None
+    if needs[4]:
+        dpos = (dy if pos_on_prefix else dpatch).float().sum(0).to(weight.dtype)
+    return dimg, dweight, dbias, dprefix, dpos
+
+
+class PatchEmbedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img, weight, bias, prefix, pos, pos_on_prefix):
+        ctx.save_for_backward(img, weight)
+        ctx.prefix_rows, ctx.pos_on_prefix = prefix.shape[0], pos_on_prefix
         return patch_embed_launch(img, weight, bias, prefix, pos, pos_on_prefix)
+
+    @staticmethod
+    def backward(ctx, dy):
+        img, weight = ctx.saved_tensors
+        grads = patch_embed_backward(dy, img, weight, ctx.prefix_rows, ctx.pos_on_prefix, ctx.needs_input_grad)
+        return (*grads, None)
 
 
 def patch_embed_torch(img, weight, bias, prefix, pos, pos_on_prefix):
