@@ -12,7 +12,8 @@ def results():
 
 def test_every_case_was_compiled(results):
     kernels = {r["case"].split("[")[0] for r in results}
-    assert kernels == {"linear", "attention", "patch_embed", "layer_norm", "pool_norm"}
+    assert kernels == {"linear", "attention", "attention_backward", "patch_embed", "layer_norm",
+                       "layer_norm_backward", "pool_norm"}
     assert {r["arch"] for r in results} == {"sm_80", "sm_90"}
     assert {r["dtype"] for r in results} == {"fp16", "bf16"}
     assert len(results) > 200

@@ -17,8 +17,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 ARCHS = {90: 232448, 80: 166912}  # compute capability -> max dynamic shared memory per block (bytes)
 DTYPES = ("fp16", "bf16")
-FLOAT_ARGS = {"eps", "qk_scale", "out_scale"}
-POINTER_TYPES = {"mask_ptr": "*i1", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
+FLOAT_ARGS = {"eps", "qk_scale", "out_scale", "score_scale"}
+POINTER_TYPES = {"mask_ptr": "*i1", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+                 "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32"}
 # int arguments that are multiples of 16 in real ViT runs (Triton specializes those the same way)
 ALIGNED_INTS = {"stride_am", "stride_wn", "stride_rm", "stride_om", "stride_xm", "stride_ym", "stride_b",
                 "stride_n", "stride_ob", "stride_on", "stride_yb", "K", "E"}
@@ -47,13 +48,22 @@ def _cases():
         dict(HAS_BIAS=False, ACTIVATION=None, HAS_SCALE=False, HAS_RESIDUAL=False, DEINTERLEAVE=1,
              DOT_PRECISION="tf32")])
     yield from tuned("attention", attention.ATTENTION, [
-        dict(HAS_MASK=mask, D=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), INTERLEAVED=inter, DOT_PRECISION="tf32")
-        for d in (16, 24, 64, 80, 128) for mask in (False, True) for inter in (False, True)
+        dict(HAS_MASK=mask, D=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), INTERLEAVED=inter,
+             STORE_LSE=lse, DOT_PRECISION="tf32")
+        for d in (16, 24, 64, 80, 128) for mask in (False, True) for inter in (False, True) for lse in (False, True)
+        if (d == 64 or not (mask or inter)) and (not lse or d in (64, 80))])
+    yield from tuned("attention_backward", attention.ATTENTION_BACKWARD, [
+        dict(HAS_MASK=mask, D=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), INTERLEAVED=inter, DQ=dq,
+             DOT_PRECISION="tf32")
+        for d in (24, 64, 80, 128) for mask in (False, True) for inter in (False, True) for dq in (False, True)
         if d == 64 or not (mask or inter)])
     yield from tuned("patch_embed", patch_embed.PATCH_EMBED, [
         dict(PATCH=patch, HAS_BIAS=True, HAS_POS=True, POS_ON_PREFIX=on, DOT_PRECISION="tf32")
         for patch in (8, 14, 16, 32) for on in (True, False) if on or patch == 16])
     for width in (192, 384, 768, 1024, 1280):
+        block = 1 << (width - 1).bit_length()
+        yield (f"layer_norm_backward[E={width}]", layer_norm._layer_norm_bwd_kernel,
+               dict(HAS_WEIGHT=True, BLOCK_E=block), min(16, max(1, block // 256)), 1)
         meta = layer_norm.layer_norm_meta(width)
         warps = meta.pop("num_warps")
         yield (f"layer_norm[E={width}]", layer_norm._layer_norm_fwd_kernel,

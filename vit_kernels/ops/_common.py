@@ -174,14 +174,3 @@ class Tuned:
 
 def config(num_warps: int, num_stages: int, **meta) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
-
-
-class ForwardOnly(torch.autograd.Function):
-    """Base for the forward-only fused ops: gradients arrive with the training kernels (issue 5)."""
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            "vit_kernels: backward through the fused Triton kernels is not implemented yet; run the model "
-            "under torch.no_grad()/torch.inference_mode(), or pin the PyTorch path with "
-            "vit_kernels.ops.use_backend('torch') to train")

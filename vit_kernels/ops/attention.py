@@ -18,7 +18,6 @@ import triton.language as tl
 
 from ..reference import attention_probabilities, check_mask
 from ._common import (
-    ForwardOnly,
     Tuned,
     check_sample_size,
     check_tensor,
@@ -35,10 +34,31 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, N, H, E, qk_scale, out_scale,
+def qkv_bases(qkv_ptr, b, h, E, stride_b, offs_d, D: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Pointers to head h's q, k and v features of sample b, and the feature offsets of offs_d.
+    Compile-time feature strides keep address math cheap (and vectorized for the grouped layout)."""
+    if INTERLEAVED:  # (h d qkv): feature = (h * D + d) * 3 + s
+        q_base = qkv_ptr + b * stride_b + h * 3 * D
+        return q_base, q_base + 1, q_base + 2, offs_d * 3
+    q_base = qkv_ptr + b * stride_b + h * D  # (qkv h d): feature = s * E + h * D + d
+    return q_base, q_base + E, q_base + 2 * E, offs_d
+
+
+@triton.jit
+def allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK: tl.constexpr):
+    """[rows, cols] True where a query may attend a key: both in range and, with a mask, allowed by it.
+    mask_rows: [rows, 1] pointers to each query's mask row (the launcher makes the key axis contiguous)."""
+    ok = row_ok[:, None] & (cols[None, :] < N)
+    if HAS_MASK:
+        ok = ok & (tl.load(mask_rows + cols[None, :], mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, N, H, E, qk_scale, out_scale,
                           stride_b, stride_n, stride_mb, stride_mh, stride_mq, stride_ob, stride_on,
                           D: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_MASK: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr,
+                          STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # 1-D grid, query tiles of one (batch, head) adjacent: no grid-axis limit, K/V stay hot in L2.
     pid = tl.program_id(0)
@@ -50,26 +70,15 @@ def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, N, H, E, qk_scale, out_sca
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    # Compile-time feature strides keep address math cheap (and vectorized for the grouped layout).
-    if INTERLEAVED:  # (h d qkv): feature = (h * D + d) * 3 + s
-        d_off = offs_d * 3
-        q_base = qkv_ptr + b * stride_b + h * 3 * D
-        k_base = q_base + 1
-        v_base = q_base + 2
-    else:  # (qkv h d): feature = s * E + h * D + d
-        d_off = offs_d
-        q_base = qkv_ptr + b * stride_b + h * D
-        k_base = q_base + E
-        v_base = q_base + 2 * E
+    q_base, k_base, v_base, d_off = qkv_bases(qkv_ptr, b, h, E, stride_b, offs_d, D, INTERLEAVED)
 
-    q = tl.load(q_base + offs_m[:, None] * stride_n + d_off[None, :],
-                mask=(offs_m[:, None] < N) & d_mask[None, :], other=0.0)
+    row_ok = offs_m < N
+    q = tl.load(q_base + offs_m[:, None] * stride_n + d_off[None, :], mask=row_ok[:, None] & d_mask[None, :],
+                other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    if HAS_MASK:
-        # the launcher makes the key axis contiguous
-        mask_base = mask_ptr + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mq
+    mask_rows = mask_ptr + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mq
 
     for start in range(0, N, BLOCK_N):
         cols = start + offs_n
@@ -78,11 +87,7 @@ def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, N, H, E, qk_scale, out_sca
                       mask=col_ok[None, :] & d_mask[:, None], other=0.0)
         # log2(e) is folded into qk_scale: exp2 is the fast exponential
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION, out_dtype=tl.float32) * qk_scale
-        allowed = col_ok[None, :]
-        if HAS_MASK:
-            allowed = allowed & (tl.load(mask_base + cols[None, :],
-                                         mask=(offs_m[:, None] < N) & col_ok[None, :], other=0) != 0)
-        s = tl.where(allowed, s, float("-inf"))
+        s = tl.where(allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # rows that have seen no allowed key yet keep m = -inf; subtract 0 there to avoid inf - inf
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -98,8 +103,92 @@ def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, N, H, E, qk_scale, out_sca
     # a fully masked row has l = 0 and acc = 0: write zeros
     out = acc * (out_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
     out_ptrs = out_ptr + b * stride_ob + offs_m[:, None] * stride_on + h * D + offs_d[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < N) & d_mask[None, :])
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    if STORE_LSE:  # log2-domain log-sum-exp for backward; -inf marks a row with nothing to attend to
+        tl.store(lse_ptr + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
+
+@triton.jit
+def _probabilities(q, k, lse, mask_rows, row_ok, cols, N, qk_scale, HAS_MASK: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """Recomputed softmax probabilities P [rows, cols] from the saved log-sum-exp (0 where masked)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=tl.float32) * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    return tl.where(allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK), p, 0.0)
+
+
+@triton.jit
+def _attention_bwd_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dqkv_ptr, N, H, E, qk_scale, out_scale,
+                          score_scale, stride_b, stride_n, stride_mb, stride_mh, stride_mq, stride_dob, stride_don,
+                          stride_gb, stride_gn, D: tl.constexpr, INTERLEAVED: tl.constexpr,
+                          HAS_MASK: tl.constexpr, DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """FlashAttention-2 backward, recomputing P from the log-sum-exp. DQ=False: one program per key tile,
+    looping over queries, accumulates dK and dV; DQ=True: one program per query tile accumulates dQ. Two
+    passes and no atomics: deterministic. Gradients land in the qkv buffer's own layout.
+    With O = out_scale * P V:  dV = out_scale P^T dO,  dP = out_scale dO V^T,  dS = P (dP - rowsum(dO * O)),
+    dQ = score_scale dS K,  dK = score_scale dS^T Q."""
+    pid = tl.program_id(0)
+    TILE: tl.constexpr = BLOCK_N if not DQ else BLOCK_M
+    n_tiles = tl.cdiv(N, TILE)
+    bh = pid // n_tiles
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q_base, k_base, v_base, d_off = qkv_bases(qkv_ptr, b, h, E, stride_b, offs_d, D, INTERLEAVED)
+    gq_base, gk_base, gv_base, _ = qkv_bases(dqkv_ptr, b, h, E, stride_gb, offs_d, D, INTERLEAVED)
+    do_base = do_ptr + b * stride_dob + h * D
+    stats = bh.to(tl.int64) * N
+    mask_head = mask_ptr + b * stride_mb + h * stride_mh
+    tile = (pid % n_tiles) * TILE + tl.arange(0, TILE)
+    tile_ok = tile < N
+    if DQ:
+        q = tl.load(q_base + tile[:, None] * stride_n + d_off[None, :], mask=tile_ok[:, None] & d_mask[None, :],
+                    other=0.0)
+        do = tl.load(do_base + tile[:, None] * stride_don + offs_d[None, :], mask=tile_ok[:, None] & d_mask[None, :],
+                     other=0.0)
+        lse = tl.load(lse_ptr + stats + tile, mask=tile_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # no allowed key: P = 0
+        delta = tl.load(delta_ptr + stats + tile, mask=tile_ok, other=0.0)
+        mask_rows = mask_head + tile[:, None].to(tl.int64) * stride_mq
+        dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            kv_mask = (cols[:, None] < N) & d_mask[None, :]
+            k = tl.load(k_base + cols[:, None] * stride_n + d_off[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_n + d_off[None, :], mask=kv_mask, other=0.0)
+            p = _probabilities(q, k, lse, mask_rows, tile_ok, cols, N, qk_scale, HAS_MASK, DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=tl.float32) * out_scale
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        tl.store(gq_base + tile[:, None] * stride_gn + d_off[None, :], (dq * score_scale).to(
+            dqkv_ptr.dtype.element_ty), mask=tile_ok[:, None] & d_mask[None, :])
+    else:
+        kv_mask = tile_ok[:, None] & d_mask[None, :]
+        k = tl.load(k_base + tile[:, None] * stride_n + d_off[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + tile[:, None] * stride_n + d_off[None, :], mask=kv_mask, other=0.0)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for start in range(0, N, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < N
+            q_mask = row_ok[:, None] & d_mask[None, :]
+            q = tl.load(q_base + rows[:, None] * stride_n + d_off[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+            lse = tl.load(lse_ptr + stats + rows, mask=row_ok, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)
+            mask_rows = mask_head + rows[:, None].to(tl.int64) * stride_mq
+            p = _probabilities(q, k, lse, mask_rows, row_ok, tile, N, qk_scale, HAS_MASK, DOT_PRECISION)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=tl.float32) * out_scale
+            ds = p * (dp - delta[:, None])
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        tl.store(gk_base + tile[:, None] * stride_gn + d_off[None, :], (dk * score_scale).to(
+            dqkv_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(gv_base + tile[:, None] * stride_gn + d_off[None, :], (dv * out_scale).to(
+            dqkv_ptr.dtype.element_ty), mask=kv_mask)
 
 ATTENTION = Tuned(
     _attention_fwd_kernel,
@@ -116,6 +205,19 @@ ATTENTION = Tuned(
 )
 
 
+ATTENTION_BACKWARD = Tuned(
+    _attention_bwd_kernel,
+    # the three tilings that compile spill-free for every variant on sm_80 and sm_90 (4-warp 64x64 spills);
+    # untuned on a GPU so far
+    configs=[config(8, 2, BLOCK_M=32, BLOCK_N=64), config(8, 2, BLOCK_M=64, BLOCK_N=32),
+             config(4, 2, BLOCK_M=32, BLOCK_N=32)],
+    key=["N", "D", "HAS_MASK", "INTERLEAVED", "DQ"],
+    interpret_config=dict(BLOCK_M=32, BLOCK_N=32),
+    # the stride-3 (h d qkv) gathers spill in the other two tilings (sm_80: 64x32, sm_90: 32x32)
+    keep=lambda meta, flags: not flags.get("INTERLEAVED") or (meta["BLOCK_M"], meta["BLOCK_N"]) == (32, 64),
+)
+
+
 def scales(scaling: str, E: int, D: int) -> tuple:
     """(qk_scale in log2 units, out_scale)."""
     if scaling == "seed":
@@ -123,25 +225,52 @@ def scales(scaling: str, E: int, D: int) -> tuple:
     return LOG2E / math.sqrt(D), 1.0
 
 
-def attention_launch(qkv, num_heads, layout, scaling, mask):
+def attention_launch(qkv, num_heads, layout, scaling, mask, store_lse=False):
+    """Returns out [B, N, E], and with ``store_lse`` also the fp32 log2-domain log-sum-exp [B * heads, N] and
+    the prepared mask that backward needs."""
     qkv = row_major(qkv)
     B, N, E3 = qkv.shape
     E = E3 // 3
     D = E // num_heads
     out = new_output((B, N, E), qkv.device, qkv.dtype)
-    if B * N == 0:
-        return out
-    qk_scale, out_scale = scales(scaling, E, D)
+    lse = new_output((B * num_heads, N), qkv.device, torch.float32) if store_lse else None
     mask_arg, mask_strides = qkv, (0, 0, 0)
     if mask is not None:
         mask_arg, mask_strides = contiguous_key_mask(mask, N)
-    ATTENTION.launch(
-        "attention", None, lambda meta: attention_grid(B, num_heads, N, meta["BLOCK_M"]),
-        qkv, mask_arg, out, N, num_heads, E, qk_scale, out_scale, qkv.stride(0), qkv.stride(1),
-        *mask_strides, out.stride(0), out.stride(1), D=D,
-        INTERLEAVED=layout == "h d qkv", HAS_MASK=mask is not None, DOT_PRECISION=dot_precision(qkv.dtype),
-        BLOCK_D=max(16, triton.next_power_of_2(D)))
-    return out
+    if B * N:
+        qk_scale, out_scale = scales(scaling, E, D)
+        ATTENTION.launch(
+            "attention", None, lambda meta: attention_grid(B, num_heads, N, meta["BLOCK_M"]),
+            qkv, mask_arg, out, out if lse is None else lse, N, num_heads, E, qk_scale, out_scale, qkv.stride(0),
+            qkv.stride(1), *mask_strides, out.stride(0), out.stride(1), D=D, INTERLEAVED=layout == "h d qkv",
+            HAS_MASK=mask is not None, STORE_LSE=store_lse, DOT_PRECISION=dot_precision(qkv.dtype),
+            BLOCK_D=max(16, triton.next_power_of_2(D)))
+    return out, lse, (mask_arg if mask is not None else None, mask_strides)
+
+
+def attention_backward(dout, qkv, out, lse, prepared_mask, num_heads, layout, scaling):
+    """d qkv [B, N, 3E] in qkv's own layout, from dout [B, N, E]: two deterministic passes (dK/dV, then dQ)."""
+    dout, qkv = row_major(dout), row_major(qkv)
+    B, N, E3 = qkv.shape
+    E = E3 // 3
+    D = E // num_heads
+    dqkv = new_output((B, N, E3), qkv.device, qkv.dtype)
+    if B * N == 0:
+        return dqkv
+    # rowsum(dO * O) per (batch, head, query), the softmax-backward correction term
+    delta = (dout.float() * out.float()).view(B, N, num_heads, D).sum(-1).transpose(1, 2).contiguous()
+    qk_scale, out_scale = scales(scaling, E, D)
+    mask_arg, mask_strides = prepared_mask
+    for dq in (False, True):
+        ATTENTION_BACKWARD.launch(
+            "attention_backward", None,
+            lambda meta, dq=dq: attention_grid(B, num_heads, N, meta["BLOCK_M" if dq else "BLOCK_N"]),
+            qkv, dout, lse, delta, qkv if mask_arg is None else mask_arg, dqkv, N, num_heads, E, qk_scale,
+            out_scale, qk_scale / LOG2E, qkv.stride(0), qkv.stride(1), *mask_strides, dout.stride(0),
+            dout.stride(1), dqkv.stride(0), dqkv.stride(1), D=D, INTERLEAVED=layout == "h d qkv",
+            HAS_MASK=mask_arg is not None, DQ=dq, DOT_PRECISION=dot_precision(qkv.dtype),
+            BLOCK_D=max(16, triton.next_power_of_2(D)))
+    return dqkv
 
 
 def attention_grid(batch: int, heads: int, tokens: int, block_m: int) -> tuple:
@@ -159,10 +288,20 @@ def contiguous_key_mask(mask, N):
     return m, (m.stride(0) if m.shape[0] > 1 else 0, m.stride(1) if m.shape[1] > 1 else 0, m.stride(2))
 
 
-class AttentionFunction(ForwardOnly):
+class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, num_heads, layout, scaling, mask):
-        return attention_launch(qkv, num_heads, layout, scaling, mask)
+        needs_grad = ctx.needs_input_grad[0]
+        out, lse, prepared = attention_launch(qkv, num_heads, layout, scaling, mask, store_lse=needs_grad)
+        if needs_grad:
+            ctx.save_for_backward(qkv, out, lse)
+            ctx.prepared, ctx.args = prepared, (num_heads, layout, scaling)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, out, lse = ctx.saved_tensors
+        return attention_backward(dout, qkv, out, lse, ctx.prepared, *ctx.args), None, None, None, None
 
 
 def split_qkv(qkv: torch.Tensor, num_heads: int, layout: str):
