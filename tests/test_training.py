@@ -1,0 +1,53 @@
+"""Training through the kernels: the example script, and DistributedDataParallel (gloo, two processes)."""
+import os
+import runpy
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import vit_kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(in_channels=3, patch_size=8, emb_size=48, img_size=32, depth=1, n_classes=5, num_heads=2)
+
+
+def test_example_training_loop_lowers_the_loss(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train.py", "--steps", "6", "--batch", "4"])
+    losses = runpy.run_path(os.path.join(ROOT, "examples", "train.py"))["main"]()
+    out = capsys.readouterr().out
+    assert "img/s" in out and "(triton)" in out
+    assert losses[-1] < losses[0]
+
+
+def _ddp_worker(rank, world, port, images, labels, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = vit_kernels.ViT(**TINY, scaling="paper")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        half = images.shape[0] // world
+        shard = slice(rank * half, (rank + 1) * half)
+        torch.nn.functional.cross_entropy(ddp(images[shard]), labels[shard]).backward()
+        assert model.last_backend == "triton"
+        if rank == 0:
+            torch.save({name: p.grad for name, p in model.named_parameters()}, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo, interpreter) DDP check")
+def test_ddp_gradients_equal_single_process(tmp_path):
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    port = 29500 + os.getpid() % 1000
+    result = tmp_path / "ddp_grads.pt"
+    mp.spawn(_ddp_worker, args=(2, port, images, labels, str(result)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = vit_kernels.ViT(**TINY, scaling="paper")
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    ddp_grads = torch.load(result)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
