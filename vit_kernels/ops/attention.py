@@ -11,6 +11,7 @@ Both are ``out_scale * softmax(qk_scale * QK^T) V``. A boolean mask (True = atte
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -225,30 +226,27 @@ def scales(scaling: str, E: int, D: int) -> tuple:
     return LOG2E / math.sqrt(D), 1.0
 
 
-def attention_launch(qkv, num_heads, layout, scaling, mask, store_lse=False):
-    """Returns out [B, N, E], and with ``store_lse`` also the fp32 log2-domain log-sum-exp [B * heads, N] and
-    the prepared mask that backward needs."""
+def attention_launch(qkv, num_heads, layout, scaling, mask):
+    """(out [B, N, E], the fp32 log2-domain log-sum-exp [B * heads, N] that backward needs). ``mask`` is None or
+    already prepared by ``contiguous_key_mask``."""
     qkv = row_major(qkv)
     B, N, E3 = qkv.shape
     E = E3 // 3
     D = E // num_heads
     out = new_output((B, N, E), qkv.device, qkv.dtype)
-    lse = new_output((B * num_heads, N), qkv.device, torch.float32) if store_lse else None
-    mask_arg, mask_strides = qkv, (0, 0, 0)
-    if mask is not None:
-        mask_arg, mask_strides = contiguous_key_mask(mask, N)
+    lse = new_output((B * num_heads, N), qkv.device, torch.float32)
     if B * N:
         qk_scale, out_scale = scales(scaling, E, D)
         ATTENTION.launch(
             "attention", None, lambda meta: attention_grid(B, num_heads, N, meta["BLOCK_M"]),
-            qkv, mask_arg, out, out if lse is None else lse, N, num_heads, E, qk_scale, out_scale, qkv.stride(0),
-            qkv.stride(1), *mask_strides, out.stride(0), out.stride(1), D=D, INTERLEAVED=layout == "h d qkv",
-            HAS_MASK=mask is not None, STORE_LSE=store_lse, DOT_PRECISION=dot_precision(qkv.dtype),
+            qkv, qkv if mask is None else mask, out, lse, N, num_heads, E, qk_scale, out_scale, qkv.stride(0),
+            qkv.stride(1), *mask_strides(mask), out.stride(0), out.stride(1), D=D, INTERLEAVED=layout == "h d qkv",
+            HAS_MASK=mask is not None, STORE_LSE=True, DOT_PRECISION=dot_precision(qkv.dtype),
             BLOCK_D=max(16, triton.next_power_of_2(D)))
-    return out, lse, (mask_arg if mask is not None else None, mask_strides)
+    return out, lse
 
 
-def attention_backward(dout, qkv, out, lse, prepared_mask, num_heads, layout, scaling):
+def attention_backward(dout, qkv, out, lse, mask, num_heads, layout, scaling):
     """d qkv [B, N, 3E] in qkv's own layout, from dout [B, N, E]: two deterministic passes (dK/dV, then dQ)."""
     dout, qkv = row_major(dout), row_major(qkv)
     B, N, E3 = qkv.shape
@@ -260,15 +258,14 @@ def attention_backward(dout, qkv, out, lse, prepared_mask, num_heads, layout, sc
     # rowsum(dO * O) per (batch, head, query), the softmax-backward correction term
     delta = (dout.float() * out.float()).view(B, N, num_heads, D).sum(-1).transpose(1, 2).contiguous()
     qk_scale, out_scale = scales(scaling, E, D)
-    mask_arg, mask_strides = prepared_mask
     for dq in (False, True):
         ATTENTION_BACKWARD.launch(
             "attention_backward", None,
             lambda meta, dq=dq: attention_grid(B, num_heads, N, meta["BLOCK_M" if dq else "BLOCK_N"]),
-            qkv, dout, lse, delta, qkv if mask_arg is None else mask_arg, dqkv, N, num_heads, E, qk_scale,
-            out_scale, qk_scale / LOG2E, qkv.stride(0), qkv.stride(1), *mask_strides, dout.stride(0),
+            qkv, dout, lse, delta, qkv if mask is None else mask, dqkv, N, num_heads, E, qk_scale,
+            out_scale, qk_scale / LOG2E, qkv.stride(0), qkv.stride(1), *mask_strides(mask), dout.stride(0),
             dout.stride(1), dqkv.stride(0), dqkv.stride(1), D=D, INTERLEAVED=layout == "h d qkv",
-            HAS_MASK=mask_arg is not None, DQ=dq, DOT_PRECISION=dot_precision(qkv.dtype),
+            HAS_MASK=mask is not None, DQ=dq, DOT_PRECISION=dot_precision(qkv.dtype),
             BLOCK_D=max(16, triton.next_power_of_2(D)))
     return dqkv
 
@@ -279,29 +276,57 @@ def attention_grid(batch: int, heads: int, tokens: int, block_m: int) -> tuple:
 
 
 def contiguous_key_mask(mask, N):
-    """A 4-D bool mask with unit stride over keys and rows padded to 16 bytes (vectorized loads);
-    broadcast batch/head axes stay size 1 with stride 0. Returns (mask, (stride_b, stride_h, stride_q))."""
+    """A 4-D bool mask with unit stride over keys and rows padded to 16 bytes (vectorized loads); broadcast
+    batch/head axes stay size 1 (read with stride 0)."""
     m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     padded = torch.zeros((m.shape[0], m.shape[1], N, triton.cdiv(N, 16) * 16), dtype=torch.bool, device=m.device)
     padded[..., :N] = m
-    m = padded
-    return m, (m.stride(0) if m.shape[0] > 1 else 0, m.stride(1) if m.shape[1] > 1 else 0, m.stride(2))
+    return padded
 
 
-class AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, num_heads, layout, scaling, mask):
-        needs_grad = ctx.needs_input_grad[0]
-        out, lse, prepared = attention_launch(qkv, num_heads, layout, scaling, mask, store_lse=needs_grad)
-        if needs_grad:
-            ctx.save_for_backward(qkv, out, lse)
-            ctx.prepared, ctx.args = prepared, (num_heads, layout, scaling)
-        return out
+def mask_strides(mask) -> tuple:
+    """(batch, head, query) strides of a prepared mask; 0 on broadcast axes, and for no mask."""
+    if mask is None:
+        return 0, 0, 0
+    return (mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(1) if mask.shape[1] > 1 else 0, mask.stride(2))
 
-    @staticmethod
-    def backward(ctx, dout):
-        qkv, out, lse = ctx.saved_tensors
-        return attention_backward(dout, qkv, out, lse, ctx.prepared, *ctx.args), None, None, None, None
+
+@torch.library.custom_op("vit_kernels::attention", mutates_args=())
+def attention_op(qkv: torch.Tensor, mask: Optional[torch.Tensor], num_heads: int, layout: str,
+                 scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, log-sum-exp) as a torch.library op; ``mask`` prepared by ``contiguous_key_mask``."""
+    return attention_launch(qkv, num_heads, layout, scaling, mask)
+
+
+@attention_op.register_fake
+def _(qkv, mask, num_heads, layout, scaling):
+    B, N, E3 = qkv.shape
+    return qkv.new_empty((B, N, E3 // 3)), qkv.new_empty((B * num_heads, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("vit_kernels::attention_backward", mutates_args=())
+def attention_backward_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          mask: Optional[torch.Tensor], num_heads: int, layout: str, scaling: str) -> torch.Tensor:
+    return attention_backward(dout, qkv, out, lse, mask, num_heads, layout, scaling)
+
+
+@attention_backward_op.register_fake
+def _(dout, qkv, out, lse, mask, num_heads, layout, scaling):
+    return qkv.new_empty(qkv.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    qkv, mask, num_heads, layout, scaling = inputs
+    ctx.save_for_backward(qkv, output[0], output[1], mask)
+    ctx.args = (num_heads, layout, scaling)
+
+
+def _attention_grad(ctx, dout, _dlse):
+    qkv, out, lse, mask = ctx.saved_tensors
+    return attention_backward_op(dout, qkv, out, lse, mask, *ctx.args), None, None, None, None
+
+
+attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 
 def split_qkv(qkv: torch.Tensor, num_heads: int, layout: str):
@@ -356,4 +381,5 @@ def attention(qkv: torch.Tensor, num_heads: int, layout: str = "h d qkv", scalin
     check_attention(qkv, num_heads, layout, scaling, mask)
     if not use_kernels(qkv, mask):
         return attention_torch(qkv, num_heads, layout, scaling, mask)
-    return AttentionFunction.apply(qkv, num_heads, layout, scaling, mask)
+    prepared = None if mask is None else contiguous_key_mask(mask, qkv.shape[1])
+    return attention_op(qkv, prepared, num_heads, layout, scaling)[0]

@@ -5,6 +5,8 @@ start = number of prefix tokens) or ``"token"`` (the single token at ``start``: 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -18,7 +20,7 @@ from ._common import (
     row_major,
     use_kernels,
 )
-from .layer_norm import MAX_WIDTH, check_layer_norm, layer_norm, layer_norm_backward, layer_norm_launch, normalize_rows
+from .layer_norm import MAX_WIDTH, check_layer_norm, layer_norm, layer_norm_backward_op, layer_norm_op, normalize_rows
 from .linear import linear
 
 POOLS = ("mean", "token")
@@ -64,31 +66,44 @@ def pool_norm_launch(x, pool, start, weight, bias, eps, norm):
     return y
 
 
-class PoolNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, pool, start, weight, bias, eps, norm):
-        ctx.save_for_backward(x, weight, bias)
-        ctx.args = (pool, start, eps, norm)
-        return pool_norm_launch(x, pool, start, weight, bias, eps, norm)
+@torch.library.custom_op("vit_kernels::pool_norm", mutates_args=())
+def pool_norm_op(x: torch.Tensor, pool: str, start: int, weight: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], eps: float, norm: bool) -> torch.Tensor:
+    return pool_norm_launch(x, pool, start, weight, bias, eps, norm)
 
-    @staticmethod
-    def backward(ctx, dy):
-        """[B, E]-sized work: recompute the pooled row, LayerNorm backward with our kernel, spread to tokens."""
-        x, weight, bias = ctx.saved_tensors
-        pool, start, eps, norm = ctx.args
-        pooled = x[:, start:].float().mean(1).to(x.dtype) if pool == "mean" else x[:, start]
-        dw = db = None
-        if norm:
-            _, mean, rstd = layer_norm_launch(pooled, weight, bias, eps)
-            dpooled, dw, db = layer_norm_backward(dy, pooled, weight, mean, rstd)
-        else:
-            dpooled = dy
-        dx = torch.zeros_like(x)
-        if pool == "mean":
-            dx[:, start:] = (dpooled.float() / (x.shape[1] - start)).to(x.dtype)[:, None, :]
-        else:
-            dx[:, start] = dpooled
-        return (dx, None, None, dw if weight is not None else None, db if bias is not None else None, None, None)
+
+@pool_norm_op.register_fake
+def _(x, pool, start, weight, bias, eps, norm):
+    return x.new_empty((x.shape[0], x.shape[2]))
+
+
+def _pool_norm_setup(ctx, inputs, output):
+    x, pool, start, weight, bias, eps, norm = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.args = (pool, start, eps, norm)
+
+
+def _pool_norm_grad(ctx, dy):
+    """[B, E]-sized work: recompute the pooled row, LayerNorm backward with our kernel, spread to tokens."""
+    x, weight, bias = ctx.saved_tensors
+    pool, start, eps, norm = ctx.args
+    pooled = x[:, start:].float().mean(1).to(x.dtype) if pool == "mean" else x[:, start].contiguous()
+    dw = db = None
+    if norm:
+        _, mean, rstd = layer_norm_op(pooled, weight, bias, eps)
+        dpooled, dw, db = layer_norm_backward_op(dy, pooled, weight, mean, rstd)
+    else:
+        dpooled = dy
+    before = torch.zeros_like(x[:, :start])
+    if pool == "mean":
+        spread = (dpooled.float() / (x.shape[1] - start)).to(x.dtype)[:, None, :]
+        dx = torch.cat([before, spread.expand(-1, x.shape[1] - start, -1)], dim=1)
+    else:
+        dx = torch.cat([before, dpooled[:, None, :].to(x.dtype), torch.zeros_like(x[:, start + 1:])], dim=1)
+    return dx, None, None, dw if weight is not None else None, db if bias is not None else None, None, None
+
+
+pool_norm_op.register_autograd(_pool_norm_grad, setup_context=_pool_norm_setup)
 
 
 def pool_tokens(x: torch.Tensor, pool: str = "mean", start: int = 0, weight: torch.Tensor | None = None,
@@ -108,7 +123,7 @@ def pool_tokens(x: torch.Tensor, pool: str = "mean", start: int = 0, weight: tor
     if not use_kernels(x):
         pooled = x[:, start:].mean(dim=1) if pool == "mean" else x[:, start]
         return layer_norm(pooled, weight, bias, eps) if norm else pooled
-    return PoolNormFunction.apply(x, pool, start, weight, bias, float(eps), norm)
+    return pool_norm_op(x, pool, start, weight, bias, float(eps), norm)
 
 
 def classification_head(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,

@@ -1,6 +1,8 @@
 """LayerNorm over the last axis: fp32 mean/rstd (kept for backward), any width (masked), any eps."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -136,19 +138,44 @@ def _sm_count(device) -> int:
     return 2  # the interpreter: few programs, each looping over many rows
 
 
-class LayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, mean, rstd = layer_norm_launch(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.has_bias = bias is not None
-        return y
+@torch.library.custom_op("vit_kernels::layer_norm", mutates_args=())
+def layer_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd) of a [M, E] input: a torch.library op, so torch.compile sees through it."""
+    return layer_norm_launch(x, weight, bias, eps)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = layer_norm_backward(dy, x, weight, mean, rstd)
-        return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None
+
+@layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    stats = x.new_empty((x.shape[0],), dtype=torch.float32)
+    return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+
+
+@torch.library.custom_op("vit_kernels::layer_norm_backward", mutates_args=())
+def layer_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
+                           rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layer_norm_backward(dy, x, weight, mean, rstd)
+
+
+@layer_norm_backward_op.register_fake
+def _(dy, x, weight, mean, rstd):
+    wdtype = x.dtype if weight is None else weight.dtype
+    return x.new_empty(x.shape), x.new_empty((x.shape[1],), dtype=wdtype), x.new_empty((x.shape[1],), dtype=wdtype)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, _eps = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2])
+    ctx.has_bias = bias is not None
+
+
+def _layer_norm_grad(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_backward_op(dy, x, weight, mean, rstd)
+    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None
+
+
+layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
 
 
 def check_layer_norm(x, weight, bias, eps):
@@ -170,4 +197,4 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     if not use_kernels(x):
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     x2 = x.reshape(-1, x.shape[-1])
-    return LayerNormFunction.apply(x2, weight, bias, float(eps)).view(x.shape)
+    return layer_norm_op(x2, weight, bias, float(eps))[0].view(x.shape)

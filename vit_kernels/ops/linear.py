@@ -5,6 +5,8 @@ constexpr flag, so qkv, proj(+residual), fc1(+GELU), fc2(+residual) and the head
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -187,7 +189,7 @@ def linear_backward(dy, x, weight, bias, activation, scale, deinterleave, needs)
     GEMMs of backward); the pre-activation is recomputed with our kernel only when GELU or scale needs it."""
     dy32 = dy.float()
     need_pre = activation is not None or (scale is not None and needs[4])
-    pre = linear_launch(x, weight, bias, None, None, None, deinterleave).float() if need_pre else None
+    pre = linear_op(x, weight, bias, None, None, None, deinterleave).float() if need_pre else None
     dscale = None
     if scale is not None:
         if needs[4]:
@@ -207,21 +209,32 @@ def linear_backward(dy, x, weight, bias, activation, scale, deinterleave, needs)
     return dx, dw, db, dscale
 
 
-class LinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, activation, scale, residual, deinterleave):
-        ctx.save_for_backward(x, weight, bias, scale)
-        ctx.activation, ctx.deinterleave, ctx.has_residual = activation, deinterleave, residual is not None
-        return linear_launch(x, weight, bias, activation, scale, residual, deinterleave)
+@torch.library.custom_op("vit_kernels::linear", mutates_args=())
+def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: Optional[str],
+              scale: Optional[torch.Tensor], residual: Optional[torch.Tensor], deinterleave: int) -> torch.Tensor:
+    """The fused GEMM on 2-D x as a torch.library op (torch.compile sees through it)."""
+    return linear_launch(x, weight, bias, activation, scale, residual, deinterleave)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, scale = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2], None,
-                 ctx.needs_input_grad[4])
-        dx, dw, db, dscale = linear_backward(dy, x, weight, bias, ctx.activation, scale, ctx.deinterleave, needs)
-        dres = dy if ctx.has_residual and ctx.needs_input_grad[5] else None
-        return dx, dw, db, None, dscale, dres, None
+
+@linear_op.register_fake
+def _(x, weight, bias, activation, scale, residual, deinterleave):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, activation, scale, residual, deinterleave = inputs
+    ctx.save_for_backward(x, weight, bias, scale)
+    ctx.activation, ctx.deinterleave, ctx.has_residual = activation, deinterleave, residual is not None
+
+
+def _linear_grad(ctx, dy):
+    x, weight, bias, scale = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx, dw, db, dscale = linear_backward(dy, x, weight, bias, ctx.activation, scale, ctx.deinterleave, needs)
+    return dx, dw, db, None, dscale, (dy if ctx.has_residual and needs[5] else None), None
+
+
+linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
 def linear_torch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1):
@@ -259,4 +272,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _check(x2, weight, bias, activation, scale, res2, deinterleave)
     if not use_kernels(x):
         return linear_torch(x, weight, bias, activation, scale, residual, deinterleave)
-    return LinearFunction.apply(x2, weight, bias, activation, scale, res2, deinterleave).view(*lead, weight.shape[0])
+    return linear_op(x2, weight, bias, activation, scale, res2, deinterleave).view(*lead, weight.shape[0])

@@ -8,6 +8,8 @@ GEMM rows past them are the patches, with conv bias added. The position embeddin
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -134,18 +136,32 @@ def patch_embed_backward(dy, img, weight, prefix_rows, pos_on_prefix, needs):
     return dimg, dweight, dbias, dprefix, dpos
 
 
-class PatchEmbedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, img, weight, bias, prefix, pos, pos_on_prefix):
-        ctx.save_for_backward(img, weight)
-        ctx.prefix_rows, ctx.pos_on_prefix = prefix.shape[0], pos_on_prefix
-        return patch_embed_launch(img, weight, bias, prefix, pos, pos_on_prefix)
+@torch.library.custom_op("vit_kernels::patch_embed", mutates_args=())
+def patch_embed_op(img: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], prefix: torch.Tensor,
+                   pos: Optional[torch.Tensor], pos_on_prefix: bool) -> torch.Tensor:
+    return patch_embed_launch(img, weight, bias, prefix, pos, pos_on_prefix)
 
-    @staticmethod
-    def backward(ctx, dy):
-        img, weight = ctx.saved_tensors
-        grads = patch_embed_backward(dy, img, weight, ctx.prefix_rows, ctx.pos_on_prefix, ctx.needs_input_grad)
-        return (*grads, None)
+
+@patch_embed_op.register_fake
+def _(img, weight, bias, prefix, pos, pos_on_prefix):
+    p = weight.shape[-1]
+    tokens = prefix.shape[0] + (img.shape[2] // p) * (img.shape[3] // p)
+    return img.new_empty((img.shape[0], tokens, weight.shape[0]))
+
+
+def _patch_embed_setup(ctx, inputs, output):
+    img, weight, _bias, prefix, _pos, pos_on_prefix = inputs
+    ctx.save_for_backward(img, weight)
+    ctx.prefix_rows, ctx.pos_on_prefix = prefix.shape[0], pos_on_prefix
+
+
+def _patch_embed_grad(ctx, dy):
+    img, weight = ctx.saved_tensors
+    grads = patch_embed_backward(dy, img, weight, ctx.prefix_rows, ctx.pos_on_prefix, ctx.needs_input_grad)
+    return (*grads, None)
+
+
+patch_embed_op.register_autograd(_patch_embed_grad, setup_context=_patch_embed_setup)
 
 
 def patch_embed_torch(img, weight, bias, prefix, pos, pos_on_prefix):
@@ -197,4 +213,4 @@ def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return patch_embed_torch(img, weight, bias, prefix, pos, pos_on_prefix)
     weight, prefix = weight.contiguous(), row_major(prefix).contiguous()
     pos = None if pos is None else pos.contiguous()
-    return PatchEmbedFunction.apply(img, weight, bias, prefix, pos, pos_on_prefix)
+    return patch_embed_op(img, weight, bias, prefix, pos, pos_on_prefix)
