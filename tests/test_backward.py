@@ -147,3 +147,15 @@ def test_timm_gradients(kw, device):
                             depth=2, num_heads=2, num_classes=7, **kw).to(device).double()
     ref.load_state_dict(model.state_dict())
     assert_model_grads_match(vit_kernels.from_timm(model), ref, randn(2, 3, 32, 32, device=device))
+
+
+def test_model_gradients_are_bitwise_reproducible(device):
+    """Two backward passes with the same inputs give identical parameter gradients (no atomics anywhere)."""
+    model = vit_kernels.ViT(**ODD).to(device)
+    x = randn(2, 3, 48, 48, device=device)
+    runs = []
+    for _ in range(2):
+        model.zero_grad()
+        model(x).square().mean().backward()
+        runs.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
