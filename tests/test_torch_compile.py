@@ -4,12 +4,13 @@ import timm
 import torch
 
 import vit_kernels
-from helpers import randn
 from vit_kernels.ops.attention import attention_backward_op, attention_op, contiguous_key_mask
 from vit_kernels.ops.head import pool_norm_op
 from vit_kernels.ops.layer_norm import layer_norm_backward_op, layer_norm_op
 from vit_kernels.ops.linear import linear_op
 from vit_kernels.ops.patch_embed import patch_embed_op
+
+from helpers import randn
 
 ODD = dict(in_channels=3, patch_size=8, emb_size=72, img_size=48, depth=2, n_classes=10, num_heads=3)
 
