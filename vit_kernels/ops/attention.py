@@ -23,6 +23,7 @@ from ._common import (
     check_sample_size,
     check_tensor,
     config,
+    dispatcher_free,
     dot_precision,
     launch_grid,
     new_output,
@@ -382,4 +383,6 @@ def attention(qkv: torch.Tensor, num_heads: int, layout: str = "h d qkv", scalin
     if not use_kernels(qkv, mask):
         return attention_torch(qkv, num_heads, layout, scaling, mask)
     prepared = None if mask is None else contiguous_key_mask(mask, qkv.shape[1])
+    if dispatcher_free(qkv):
+        return attention_launch(qkv, num_heads, layout, scaling, prepared)[0]
     return attention_op(qkv, prepared, num_heads, layout, scaling)[0]

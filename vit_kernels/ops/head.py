@@ -14,6 +14,7 @@ import triton.language as tl
 from ._common import (
     check_sample_size,
     check_tensor,
+    dispatcher_free,
     launch_grid,
     new_output,
     record_launch,
@@ -123,7 +124,8 @@ def pool_tokens(x: torch.Tensor, pool: str = "mean", start: int = 0, weight: tor
     if not use_kernels(x):
         pooled = x[:, start:].mean(dim=1) if pool == "mean" else x[:, start]
         return layer_norm(pooled, weight, bias, eps) if norm else pooled
-    return pool_norm_op(x, pool, start, weight, bias, float(eps), norm)
+    op = pool_norm_launch if dispatcher_free(x, weight, bias) else pool_norm_op
+    return op(x, pool, start, weight, bias, float(eps), norm)
 
 
 def classification_head(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,

@@ -11,6 +11,7 @@ import triton.language as tl
 from ._common import (
     check_tensor,
     check_vector,
+    dispatcher_free,
     launch_grid,
     new_output,
     record_launch,
@@ -197,4 +198,5 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     if not use_kernels(x):
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     x2 = x.reshape(-1, x.shape[-1])
-    return layer_norm_op(x2, weight, bias, float(eps))[0].view(x.shape)
+    op = layer_norm_launch if dispatcher_free(x2, weight, bias) else layer_norm_op
+    return op(x2, weight, bias, float(eps))[0].view(x.shape)

@@ -18,6 +18,7 @@ from ._common import (
     check_tensor,
     check_vector,
     config,
+    dispatcher_free,
     dot_precision,
     launch_grid,
     new_output,
@@ -272,4 +273,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _check(x2, weight, bias, activation, scale, res2, deinterleave)
     if not use_kernels(x):
         return linear_torch(x, weight, bias, activation, scale, residual, deinterleave)
-    return linear_op(x2, weight, bias, activation, scale, res2, deinterleave).view(*lead, weight.shape[0])
+    op = linear_launch if dispatcher_free(x2, weight, bias, scale, res2) else linear_op
+    return op(x2, weight, bias, activation, scale, res2, deinterleave).view(*lead, weight.shape[0])

@@ -20,6 +20,7 @@ from ._common import (
     check_device,
     check_tensor,
     config,
+    dispatcher_free,
     dot_precision,
     launch_grid,
     new_output,
@@ -213,4 +214,5 @@ def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return patch_embed_torch(img, weight, bias, prefix, pos, pos_on_prefix)
     weight, prefix = weight.contiguous(), row_major(prefix).contiguous()
     pos = None if pos is None else pos.contiguous()
-    return patch_embed_op(img, weight, bias, prefix, pos, pos_on_prefix)
+    op = patch_embed_launch if dispatcher_free(img, weight, bias, prefix, pos) else patch_embed_op
+    return op(img, weight, bias, prefix, pos, pos_on_prefix)
