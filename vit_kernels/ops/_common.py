@@ -59,8 +59,8 @@ def use_kernels(*tensors: torch.Tensor | None) -> bool:
 
 def dispatcher_free(*tensors) -> bool:
     """True when an op may call its launcher directly: no autograd graph to record and not inside
-    torch.compile. Inference then skips the torch.library dispatch (7-20 us a call, measured), which matters
-    because small batches are launch-bound."""
+    torch.compile. Inference then skips the torch.library dispatch, a few microseconds of host time per call
+    that matter because small batches are launch-bound (benchmarks/NOTES.md, item 4)."""
     if torch.compiler.is_compiling():
         return False
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
