@@ -50,12 +50,10 @@ def _gelu_mode(name: str, act) -> str:
     _unsupported(f"{name} activation {type(act).__name__} (only GELU, exact or tanh)")
 
 
-def _layer_scale(name: str, module):
-    if _is_identity(module):
-        return None
-    if type(module).__name__ != "LayerScale" or not hasattr(module, "gamma"):
+def _check_layer_scale(name: str, module) -> None:
+    """Identity or timm's LayerScale (a per-feature gamma, which the GEMM epilogue applies)."""
+    if not _is_identity(module) and (type(module).__name__ != "LayerScale" or not hasattr(module, "gamma")):
         _unsupported(f"{name} of type {type(module).__name__}")
-    return module.gamma
 
 
 def check_supported(model) -> None:
@@ -104,8 +102,8 @@ def check_supported(model) -> None:
         if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not _is_identity(mlp.norm):
             _unsupported(f"{where}.mlp of type {type(mlp).__name__} (only timm Mlp with Linear layers, no norm)")
         _gelu_mode(f"{where}.mlp", mlp.act)
-        _layer_scale(f"{where}.ls1", blk.ls1)
-        _layer_scale(f"{where}.ls2", blk.ls2)
+        _check_layer_scale(f"{where}.ls1", blk.ls1)
+        _check_layer_scale(f"{where}.ls2", blk.ls2)
 
 
 class TimmViT(nn.Module):
