@@ -70,7 +70,6 @@ def check_mask(mask: Tensor | None, batch: int, heads: int, tokens: int) -> None
                         f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}")
     target = (batch, heads, tokens, tokens)
     try:
-        torch.broadcast_shapes(mask.shape, target)
         ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, target) == target
     except RuntimeError:
         ok = False

@@ -118,9 +118,8 @@ def mlp_cases(name, batch, dtype, device):
     def eager():
         return x + fc2(F.gelu(fc1(norm(x))))
 
-    with torch.no_grad():
-        yield Case("mlp half-block", f"{name} B={batch}", ours, {"eager nn.Module": eager},
-                   flops=2 * 2 * batch * n * e * 4 * e)
+    yield Case("mlp half-block", f"{name} B={batch}", ours, {"eager nn.Module": eager},
+               flops=2 * 2 * batch * n * e * 4 * e)
 
 
 OP_SUITES = {"patch_embed": patch_embed_cases, "layer_norm": layer_norm_cases, "linear": linear_cases,

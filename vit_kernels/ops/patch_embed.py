@@ -24,7 +24,6 @@ from ._common import (
     dot_precision,
     launch_grid,
     new_output,
-    row_major,
     use_kernels,
 )
 
@@ -212,7 +211,7 @@ def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     check_patch_embed(img, weight, bias, prefix, pos, pos_on_prefix)
     if not use_kernels(img):
         return patch_embed_torch(img, weight, bias, prefix, pos, pos_on_prefix)
-    weight, prefix = weight.contiguous(), row_major(prefix).contiguous()
+    weight, prefix = weight.contiguous(), prefix.contiguous()
     pos = None if pos is None else pos.contiguous()
     op = patch_embed_launch if dispatcher_free(img, weight, bias, prefix, pos) else patch_embed_op
     return op(img, weight, bias, prefix, pos, pos_on_prefix)
