@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.4", "einops>=0.7"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "timm>=1.0", "matplotlib"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "timm>=1.0", "matplotlib", "torchvision", "transformers"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["vit-kernels=vit_kernels.cli:main"]},

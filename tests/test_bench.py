@@ -40,3 +40,13 @@ def test_unknown_op_is_a_clear_error():
 def test_flop_model():
     assert gflop_per_image("vit_b_16") == pytest.approx(35.2, abs=0.15)  # the GPU rounds' 35.2 GFLOP/image
     assert gflop_per_image("vit_l_16") > 3 * gflop_per_image("vit_b_16")
+
+
+def test_cpu_train_step_bench(tmp_path, capsys):
+    assert cli.main(["bench", "--train", "--no-e2e", "--ops", "none", "--out", str(tmp_path)]) == 0
+    assert "| tiny | 2 | ours (from_timm) |" in capsys.readouterr().out
+    train = json.loads(next(tmp_path.glob("train_tiny_cpu_*.json")).read_text())
+    assert {r["candidate"] for r in train["rows"]} == {"ours (from_timm)", "timm eager (SDPA)", "reference eager",
+                                                       "ours (tutorial ViT)"}
+    assert all(r["peak_mib"] is None and r["first_loss"] > 0 for r in train["rows"])
+    assert set(train["headline"].values()) == {None}

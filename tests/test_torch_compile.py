@@ -5,6 +5,7 @@ import torch
 
 import vit_kernels
 from vit_kernels.ops.attention import attention_backward_op, attention_op, contiguous_key_mask
+from vit_kernels.ops.dropout import dropout_op, new_seed
 from vit_kernels.ops.head import pool_norm_op
 from vit_kernels.ops.layer_norm import layer_norm_backward_op, layer_norm_op
 from vit_kernels.ops.linear import linear_op
@@ -36,10 +37,14 @@ def op_samples(device):
         (patch_embed_op, (r(2, 3, 16, 24), r(8, 3, 8, 8), r(8), r(1, 8), r(7, 8), True)),
         (pool_norm_op, (r(2, 9, 24), "mean", 1, r(24), r(24), 1e-5, True)),
         (pool_norm_op, (r(2, 9, 24), "token", 0, None, None, 1e-5, False)),
+        (linear_op, (r(9, 20), r(30, 20), r(30), "gelu", None, None, 1, 0.25, new_seed())),
+        (linear_op, (r(9, 20), r(30, 20), r(30), None, r(30), r(9, 30), 1, 0.25, new_seed())),
+        (attention_op, (r(2, 9, 3 * 2 * 16), mask, 2, "h d qkv", "seed", 0.3, new_seed())),
+        (dropout_op, (r(6, 40), new_seed(), 0.4)),
     ]
 
 
-@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("index", range(15))
 def test_opcheck(index, device):
     op, args = op_samples(device)[index]
     torch.library.opcheck(op, args)
@@ -59,6 +64,18 @@ def test_compiled_tutorial_vit_fullgraph_matches_eager(device):
     torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_tutorial_vit_with_dropout_fullgraph_trains(device):
+    """Train mode with all three dropouts: no graph break, and the seeds are traced like any random op."""
+    torch._dynamo.reset()
+    model = vit_kernels.ViT(**ODD, dropout=0.1, drop_p=0.1, forward_drop_p=0.1).to(device).train()
+    compiled = torch.compile(model, fullgraph=True)
+    x = randn(2, 3, 48, 48, device=device)
+    compiled(x).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_from_timm_fullgraph_matches_eager(device):

@@ -2,6 +2,9 @@
 
     from vit_kernels import ViT                 # the tutorial's ViT, same keys, fused kernels
     from vit_kernels import from_timm           # a timm VisionTransformer on the fused kernels
+    from vit_kernels import accelerate          # any supported ViT (tutorial, timm, torchvision, HF), fused
+    from vit_kernels import create_model        # a standard timm ViT by name (+ local checkpoint), fused
+    from vit_kernels import attention_maps      # a forward plus every layer's attention probabilities
     from vit_kernels import reference, ops      # the pure-PyTorch oracle; the individual fused ops
 
 Attributes load lazily so that ``vit-kernels`` can set TRITON_INTERPRET before any kernel is defined.
@@ -12,10 +15,10 @@ import importlib
 
 from ._version import __version__
 
-_LAZY = {"ViT": "vit_kernels.models", "from_timm": "vit_kernels.models", "TimmViT": "vit_kernels.models",
-         "ops": "vit_kernels.ops", "reference": "vit_kernels.reference"}
+_MODELS = ("HFViT", "TimmViT", "TorchvisionViT", "ViT", "accelerate", "attention_maps", "create_model", "from_timm")
+_LAZY = {**dict.fromkeys(_MODELS, "vit_kernels.models"), "ops": "vit_kernels.ops", "reference": "vit_kernels.reference"}
 
-__all__ = ["TimmViT", "ViT", "__version__", "from_timm", "ops", "reference"]
+__all__ = ["__version__", *sorted(_LAZY)]
 
 
 def __getattr__(name: str):

@@ -44,8 +44,8 @@ def cmd_bench(args) -> int:
     where = _prepare_backend()
     import torch
 
-    from .bench import on_gpu, run_e2e, run_ops
-    from .bench.report import e2e_table, ops_table, plot_e2e, plot_ops
+    from .bench import on_gpu, run_e2e, run_ops, run_train
+    from .bench.report import e2e_table, ops_table, plot_e2e, plot_ops, train_table
     from .bench.timing import save_json
 
     gpu = on_gpu()
@@ -64,8 +64,18 @@ def cmd_bench(args) -> int:
         print(CPU_NOTICE)
     out = args.out
     tables = []
+    train_head = {}
+    if args.train:
+        train_batches = args.train_batch or ([64, 128] if gpu else [2])
+        train_models = args.model or (["vit_b_16"] if gpu else ["tiny"])
+        result = run_train(train_models, train_batches, dtype, compile_modes[:1])
+        path = save_json(out, "train", result, tag="-".join(train_models))
+        tables.append(train_table(result))
+        train_head = {k: v for k, v in result["headline"].items() if v is not None}
+        print(f"saved {path}")
     if not args.no_e2e:
         result = run_e2e(models, batches, dtype, compile_modes, compile_batches=args.compile_batches)
+        result["headline"].update({k: v for k, v in train_head.items() if k in result["headline"]})
         path = save_json(out, "e2e", result, tag="-".join(models))
         plot = plot_e2e(result, path.with_suffix(".png"))
         tables.append(e2e_table(result))
@@ -132,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile-batches", nargs="+", type=positive_int,
                        help="batches at which the torch.compile baselines run (default: all; compiling is slow)")
     bench.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model benchmark")
+    bench.add_argument("--train", action="store_true",
+                       help="also time a training step (fwd + bwd + AdamW, autocast) with peak memory, vs timm "
+                            "eager/compiled and the reference")
+    bench.add_argument("--train-batch", nargs="+", type=positive_int, help="default: 64 128 (GPU), 2 (CPU)")
     bench.add_argument("--out", default="benchmarks/results", help="directory for JSON and PNG files")
     bench.set_defaults(func=cmd_bench)
     check = sub.add_parser("compile-check", help="compile every kernel/config for sm_80 and sm_90 (no GPU needed) "

@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 ARCHS = {90: 232448, 80: 166912}  # compute capability -> max dynamic shared memory per block (bytes)
 DTYPES = ("fp16", "bf16")
-FLOAT_ARGS = {"eps", "qk_scale", "out_scale", "score_scale"}
+FLOAT_ARGS = {"eps", "qk_scale", "out_scale", "score_scale", "dropout_p", "keep_scale", "p"}
 POINTER_TYPES = {"mask_ptr": "*i1", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
                  "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32"}
 # int arguments that are multiples of 16 in real ViT runs (Triton specializes those the same way)
@@ -29,8 +29,9 @@ def _cases():
     """(name, jit kernel, constexprs, num_warps, num_stages) for every kernel, config and variant."""
     from importlib import import_module
 
-    attention, head, layer_norm, linear, patch_embed = (import_module(f"vit_kernels.ops.{name}") for name in (
-        "attention", "head", "layer_norm", "linear", "patch_embed"))
+    attention, attention_probs, dropout, head, layer_norm, linear, patch_embed = (
+        import_module(f"vit_kernels.ops.{name}") for name in ("attention", "attention_probs", "dropout", "head",
+                                                              "layer_norm", "linear", "patch_embed"))
 
     def tuned(name, t, variants):
         for variant in variants:
@@ -39,24 +40,31 @@ def _cases():
                 yield label, t.kernel, {**cfg.kwargs, **variant}, cfg.num_warps, cfg.num_stages
 
     yield from tuned("linear", linear.LINEAR, [
-        dict(HAS_BIAS=True, ACTIVATION=None, HAS_SCALE=True, HAS_RESIDUAL=True, DEINTERLEAVE=1, DOT_PRECISION="tf32"),
-        dict(HAS_BIAS=True, ACTIVATION="gelu", HAS_SCALE=False, HAS_RESIDUAL=False, DEINTERLEAVE=1,
+        dict(HAS_BIAS=True, ACTIVATION=None, DROPOUT=drop, HAS_SCALE=True, HAS_RESIDUAL=True, DEINTERLEAVE=1,
+             DOT_PRECISION="tf32") for drop in (False, True)] + [
+        dict(HAS_BIAS=True, ACTIVATION=act, DROPOUT=drop, HAS_SCALE=False, HAS_RESIDUAL=False, DEINTERLEAVE=1,
+             DOT_PRECISION="tf32") for act in ("gelu", "gelu_tanh") for drop in (False, True)] + [
+        dict(HAS_BIAS=True, ACTIVATION=None, DROPOUT=False, HAS_SCALE=False, HAS_RESIDUAL=False, DEINTERLEAVE=3,
              DOT_PRECISION="tf32"),
-        dict(HAS_BIAS=True, ACTIVATION="gelu_tanh", HAS_SCALE=False, HAS_RESIDUAL=False, DEINTERLEAVE=1,
-             DOT_PRECISION="tf32"),
-        dict(HAS_BIAS=True, ACTIVATION=None, HAS_SCALE=False, HAS_RESIDUAL=False, DEINTERLEAVE=3, DOT_PRECISION="tf32"),
-        dict(HAS_BIAS=False, ACTIVATION=None, HAS_SCALE=False, HAS_RESIDUAL=False, DEINTERLEAVE=1,
+        dict(HAS_BIAS=False, ACTIVATION=None, DROPOUT=False, HAS_SCALE=False, HAS_RESIDUAL=False, DEINTERLEAVE=1,
              DOT_PRECISION="tf32")])
+    # dropout variants at head_dim 64, both layouts
     yield from tuned("attention", attention.ATTENTION, [
         dict(HAS_MASK=mask, D=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), INTERLEAVED=inter,
-             STORE_LSE=lse, DOT_PRECISION="tf32")
+             STORE_LSE=lse, DROPOUT=drop, DOT_PRECISION="tf32")
         for d in (16, 24, 64, 80, 128) for mask in (False, True) for inter in (False, True) for lse in (False, True)
-        if (d == 64 or not (mask or inter)) and (not lse or d in (64, 80))])
+        for drop in (False, True)
+        if (d == 64 or not (mask or inter)) and (not lse or d in (64, 80)) and (not drop or (d == 64 and lse))])
     yield from tuned("attention_backward", attention.ATTENTION_BACKWARD, [
         dict(HAS_MASK=mask, D=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), INTERLEAVED=inter, DQ=dq,
-             DOT_PRECISION="tf32")
+             DROPOUT=drop, DOT_PRECISION="tf32")
         for d in (24, 64, 80, 128) for mask in (False, True) for inter in (False, True) for dq in (False, True)
-        if d == 64 or not (mask or inter)])
+        for drop in (False, True)
+        if (d == 64 or not (mask or inter)) and (not drop or (d == 64 and not mask))])
+    yield from tuned("dropout", dropout.DROPOUT, [{}])
+    yield from tuned("attention_probs", attention_probs.ATTENTION_PROBS, [
+        dict(HAS_MASK=mask, D=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), INTERLEAVED=inter, DOT_PRECISION="tf32")
+        for d in (64, 80) for mask in (False, True) for inter in (False, True) if d == 64 or not inter])
     yield from tuned("patch_embed", patch_embed.PATCH_EMBED, [
         dict(PATCH=patch, HAS_BIAS=True, HAS_POS=True, POS_ON_PREFIX=on, DOT_PRECISION="tf32")
         for patch in (8, 14, 16, 32) for on in (True, False) if on or patch == 16])

@@ -7,5 +7,6 @@ a small, clearly labelled CPU version (Triton interpreter vs eager PyTorch) whos
 from .e2e import HEADLINE_KEYS, run_e2e
 from .ops import OP_SUITES, run_ops
 from .timing import on_gpu
+from .train import run_train
 
-__all__ = ["HEADLINE_KEYS", "OP_SUITES", "on_gpu", "run_e2e", "run_ops"]
+__all__ = ["HEADLINE_KEYS", "OP_SUITES", "on_gpu", "run_e2e", "run_ops", "run_train"]

@@ -21,6 +21,15 @@ def e2e_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def train_table(result: dict) -> str:
+    lines = ["| model | batch | candidate | ms/step | img/s | peak MiB | vs timm eager |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['candidate']} | {r['ms']:.2f} | {r['img_per_s']:.0f} | "
+                     f"{_fmt(r['peak_mib'], '.0f')} | {r['speedup_vs_timm_eager']:.2f}x |")
+    return "\n".join(lines)
+
+
 def ops_table(result: dict) -> str:
     lines = ["| op | shape | implementation | ms | TFLOP/s | GB/s | % of peak | ours is faster by |",
              "|---|---|---|---|---|---|---|---|"]

@@ -1,4 +1,4 @@
-"""Pieces shared by the fused models: the fused encoder block, dtype/autocast policy, dropout check."""
+"""Pieces shared by the fused models: the fused encoder block, dtype/autocast policy, dropout rates."""
 from __future__ import annotations
 
 import contextlib
@@ -41,17 +41,25 @@ def check_matches_model(model: nn.Module, x: torch.Tensor) -> None:
                         f"one of them (e.g. model.to({x.dtype})) or run under torch.autocast")
 
 
-def active_dropout(model: nn.Module) -> list:
-    """Names of dropout-like modules that would drop something in this forward (train mode, p > 0)."""
+def drop_rate(module: nn.Module | None, training: bool) -> float:
+    """The rate a dropout module applies in this forward: its ``p`` in train mode, else 0."""
+    return float(module.p) if training and module is not None else 0.0
+
+
+def _rate(module: nn.Module) -> float:
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p
+    if "drop" in type(module).__name__.lower():  # timm's DropPath (drop_prob), PatchDropout (prob)
+        return getattr(module, "drop_prob", None) or getattr(module, "prob", None) or getattr(module, "p", 0.0)
+    return 0.0
+
+
+def unfused_dropout(model: nn.Module, fused: set) -> list:
+    """Names of dropout-like modules that would drop something in this forward (train mode, rate > 0) but
+    that the kernels do not apply (``fused`` holds the ids of those they do): stochastic depth, patch dropout."""
     if not model.training:
         return []
-    names = []
-    for name, module in model.named_modules():
-        p = getattr(module, "p", None) if isinstance(module, nn.modules.dropout._DropoutNd) else \
-            getattr(module, "drop_prob", None)
-        if p:
-            names.append(name)
-    return names
+    return [name for name, module in model.named_modules() if id(module) not in fused and _rate(module)]
 
 
 _warned = set()
@@ -61,22 +69,42 @@ def warn_dropout_fallback(model: nn.Module, names: list) -> None:
     key = type(model).__name__
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"vit_kernels: {key} is in train mode with active dropout ({', '.join(names[:3])}"
-                      f"{'...' if len(names) > 3 else ''}); the fused kernels have no dropout yet, so this "
-                      f"forward runs the PyTorch reference path", stacklevel=3)
+        warnings.warn(f"vit_kernels: {key} is in train mode with dropout the kernels do not fuse "
+                      f"({', '.join(names[:3])}{'...' if len(names) > 3 else ''}); this forward runs the "
+                      f"PyTorch reference path", stacklevel=3)
+
+
+_attention_maps: list | None = None  # set while ``recording_attention_maps`` is active
+
+
+@contextlib.contextmanager
+def recording_attention_maps():
+    """Inside the block, every fused encoder block also appends its attention probabilities
+    [B, heads, N, N] (``ops.attention_probabilities``, a separate kernel) to the yielded list."""
+    global _attention_maps
+    previous, _attention_maps = _attention_maps, []
+    try:
+        yield _attention_maps
+    finally:
+        _attention_maps = previous
 
 
 def encoder_block(x, norm1, qkv, proj, norm2, fc1, fc2, cast, *, num_heads, qkv_interleaved, scaling, mask=None,
-                  activation="gelu", gamma1=None, gamma2=None):
+                  activation="gelu", gamma1=None, gamma2=None, attn_drop=0.0, proj_drop=0.0, hidden_drop=0.0,
+                  out_drop=0.0):
     """One pre-norm block, seven launches: LN1, qkv GEMM, attention, proj GEMM (+residual), LN2,
     fc1 GEMM (+GELU), fc2 GEMM (+residual). x: [B, N, E] in the compute dtype.
 
     qkv_interleaved: the qkv weight rows are in the tutorial's (h d qkv) order; the GEMM then writes them
-    in (qkv h d) order, so attention always reads contiguous head dims."""
+    in (qkv h d) order, so attention always reads contiguous head dims.
+    Dropout rates (0 in eval): attn_drop on the attention probabilities, proj_drop on the projection before
+    its layer scale and residual, hidden_drop after the MLP's GELU, out_drop on fc2 before its residual."""
     h = ops.layer_norm(x, cast(norm1.weight), cast(norm1.bias), norm1.eps)
     h = ops.linear(h, cast(qkv.weight), cast(qkv.bias), deinterleave=3 if qkv_interleaved else 1)
-    h = ops.attention(h, num_heads, layout="qkv h d", scaling=scaling, mask=mask)
-    x = ops.linear(h, cast(proj.weight), cast(proj.bias), scale=cast(gamma1), residual=x)
+    if _attention_maps is not None:
+        _attention_maps.append(ops.attention_probabilities(h, num_heads, "qkv h d", scaling, mask))
+    h = ops.attention(h, num_heads, layout="qkv h d", scaling=scaling, mask=mask, dropout=attn_drop)
+    x = ops.linear(h, cast(proj.weight), cast(proj.bias), scale=cast(gamma1), residual=x, dropout=proj_drop)
     h = ops.layer_norm(x, cast(norm2.weight), cast(norm2.bias), norm2.eps)
-    h = ops.linear(h, cast(fc1.weight), cast(fc1.bias), activation=activation)
-    return ops.linear(h, cast(fc2.weight), cast(fc2.bias), scale=cast(gamma2), residual=x)
+    h = ops.linear(h, cast(fc1.weight), cast(fc1.bias), activation=activation, dropout=hidden_drop)
+    return ops.linear(h, cast(fc2.weight), cast(fc2.bias), scale=cast(gamma2), residual=x, dropout=out_drop)

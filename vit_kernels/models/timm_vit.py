@@ -2,6 +2,8 @@
 
 The returned module *shares* the given model's parameters (no copy): training or loading weights into
 either one changes both. Features the kernels cannot honour raise ``NotImplementedError`` naming them.
+Models built with ``dynamic_img_size=True`` accept other image sizes as timm does (position embedding
+resampled bicubically); ``from_timm(model, dynamic_img_size=True)`` opts any other model in.
 """
 from __future__ import annotations
 
@@ -12,14 +14,16 @@ from torch import nn
 
 from .. import ops
 from ._fused import (
-    active_dropout,
     caster,
     check_matches_model,
     compute_dtype,
+    drop_rate,
     encoder_block,
     explicit_dtypes,
+    unfused_dropout,
     warn_dropout_fallback,
 )
+from .pos_embed import PositionCache, image_grid
 
 POOLS = {"token": "token", "avg": "mean"}
 
@@ -66,11 +70,14 @@ def check_supported(model) -> None:
         _unsupported("global_pool='map' (attention pooling)")
     if model.global_pool not in POOLS:
         _unsupported(f"global_pool={model.global_pool!r} (supported: 'token', 'avg')")
-    if getattr(model, "dynamic_img_size", False):
-        _unsupported("dynamic_img_size=True")
     pe = model.patch_embed
-    if type(pe) is not PatchEmbed or getattr(pe, "dynamic_img_pad", False) or not pe.flatten:
-        _unsupported(f"patch embedding {type(pe).__name__} with dynamic padding or unflattened output")
+    if type(pe) is not PatchEmbed:
+        _unsupported(f"patch embedding {type(pe).__name__} (only timm's PatchEmbed)")
+    if getattr(pe, "dynamic_img_pad", False):
+        _unsupported("dynamic_img_pad=True (padding images to a multiple of the patch)")
+    # a dynamic_img_size model's PatchEmbed outputs NHWC, which its _pos_embed flattens: the same tokens
+    if not (pe.flatten or (getattr(model, "dynamic_img_size", False) and pe.output_fmt.value == "NHWC")):
+        _unsupported(f"patch embedding with output format {pe.output_fmt.value} (unflattened output)")
     conv = pe.proj
     if (not isinstance(conv, nn.Conv2d) or conv.kernel_size != conv.stride or conv.padding != (0, 0)
             or conv.kernel_size[0] != conv.kernel_size[1] or conv.groups != 1 or conv.dilation != (1, 1)):
@@ -111,7 +118,7 @@ class TimmViT(nn.Module):
 
     last_backend: str | None = None
 
-    def __init__(self, model):
+    def __init__(self, model, dynamic_img_size: bool | None = None):
         super().__init__()
         check_supported(model)
         # parameters, buffers, then children: the same state_dict key order as timm's
@@ -121,63 +128,113 @@ class TimmViT(nn.Module):
             self.register_buffer(name, buf)
         for name, child in model.named_children():
             self.add_module(name, child)
-        object.__setattr__(self, "timm_model", model)  # not a child: the path for train-mode dropout
+        object.__setattr__(self, "timm_model", model)  # not a child: the path for stochastic depth
         self.num_prefix_tokens = model.num_prefix_tokens
         self.pos_on_prefix = not model.no_embed_class
         self.pool = POOLS[model.global_pool]
         self.pool_start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
         # per-block activation, decided once (no per-forward isinstance work on the launch path)
         self._activations = [_gelu_mode(f"blocks.{i}.mlp", blk.mlp.act) for i, blk in enumerate(model.blocks)]
+        # other image sizes: timm's own setting unless the caller opts in (or out); settable later
+        self.dynamic_img_size = bool(getattr(model, "dynamic_img_size", False) if dynamic_img_size is None
+                                     else dynamic_img_size)
+        # timm resamples the grid rows only; with no_embed_class the table has no prefix rows
+        self._pos_prefix = self.num_prefix_tokens if self.pos_on_prefix else 0
+        self._pos_cache = PositionCache()
+        # dropouts the kernels apply (train mode); drop_path / patch_drop send a forward to timm's own
+        fused = [getattr(model, "pos_drop", None), getattr(model, "head_drop", None)]
+        for blk in model.blocks:
+            fused += [blk.attn.attn_drop, blk.attn.proj_drop, blk.mlp.drop1, blk.mlp.drop2]
+        self._fused_dropout = {id(m) for m in fused if m is not None}
         self.train(model.training)
 
-    def _check_image(self, x: torch.Tensor) -> None:
+    def _check_image(self, x: torch.Tensor) -> tuple[int, int]:
+        """Checks x; returns its patch grid."""
         conv = self.patch_embed.proj
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
             raise ValueError(f"expected a floating-point image batch [B, C, H, W], got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.shape[1] != conv.in_channels:
             raise ValueError(f"expected {conv.in_channels} input channels, got {x.shape[1]}")
-        if tuple(x.shape[2:]) != tuple(self.patch_embed.img_size):
+        if tuple(x.shape[2:]) == tuple(self.patch_embed.img_size):
+            return tuple(self.patch_embed.grid_size)
+        if not self.dynamic_img_size:
             raise ValueError(f"image size {tuple(x.shape[2:])} differs from the model's "
-                             f"{tuple(self.patch_embed.img_size)} (position embedding interpolation is not supported)")
+                             f"{tuple(self.patch_embed.img_size)}; for other sizes build the timm model with "
+                             f"dynamic_img_size=True or use from_timm(model, dynamic_img_size=True)")
+        return image_grid(x.shape[2], x.shape[3], self.patch_embed.patch_size)
 
-    def _reference_path(self, x: torch.Tensor) -> bool:
-        """Checks x; True (with a one-time warning) when train-mode dropout needs timm's own forward."""
-        self._check_image(x)
+    def _positions(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """pos_embed as a [T, E] table for this grid (timm's resampling, cached per size)."""
+        pos = getattr(self, "pos_embed", None)
+        if pos is None or grid == tuple(self.patch_embed.grid_size):
+            return None if pos is None else pos[0]
+        return self._pos_cache.get(pos[0], self.patch_embed.grid_size, grid, self._pos_prefix)
+
+    def _prepare(self, x: torch.Tensor) -> tuple[tuple[int, int], bool]:
+        """Checks x; its patch grid, and True (with a one-time warning) when train mode has stochastic depth
+        or patch dropout, which need timm's own forward (the other dropouts run inside the kernels)."""
+        grid = self._check_image(x)
         check_matches_model(self, x)
-        dropping = active_dropout(self)
+        dropping = unfused_dropout(self, self._fused_dropout)
         if dropping:
             warn_dropout_fallback(self, dropping)
             self.last_backend = "reference"
-            return True
+            return grid, True
         self.last_backend = ops.backend_for(x)
-        return False
+        return grid, False
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _timm_takes(self, grid) -> bool:
+        """Whether timm's own forward accepts this grid (its size, or a dynamic_img_size model)."""
+        return getattr(self.timm_model, "dynamic_img_size", False) or grid == tuple(self.patch_embed.grid_size)
+
+    def _timm_features(self, x: torch.Tensor, grid) -> torch.Tensor:
+        """timm's forward_features in PyTorch (stochastic depth): timm's own when it takes this size, else
+        timm's modules with the resampled position table (an opted-in model at another size)."""
+        m = self.timm_model
+        if self._timm_takes(grid):
+            return m.forward_features(x)
+        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
+        pos = self._positions(grid)
+        if pos is not None and not self.pos_on_prefix:
+            tokens = tokens + pos
+        tokens = torch.cat(prefix + [tokens], dim=1) if prefix else tokens
+        if pos is not None and self.pos_on_prefix:
+            tokens = tokens + pos
+        tokens = m.norm_pre(m.patch_drop(m.pos_drop(tokens)))
+        return m.norm(m.blocks(tokens))
+
+    def _encode(self, x: torch.Tensor, grid) -> torch.Tensor:
         """Patch embedding, norm_pre and the blocks; the final norm is left to the caller."""
         cast = caster(compute_dtype(x))
         prefix = [t.view(-1, t.shape[-1]) for t in (getattr(self, "cls_token", None),
                                                     getattr(self, "reg_token", None)) if t is not None]
         conv = self.patch_embed.proj
         prefix = torch.cat(prefix) if prefix else conv.weight.new_empty((0, conv.out_channels))
-        pos = getattr(self, "pos_embed", None)
-        x = ops.patch_embed(cast(x), cast(conv.weight), cast(conv.bias), cast(prefix),
-                            None if pos is None else cast(pos)[0], self.pos_on_prefix)
+        pos = self._positions(grid)
+        x = ops.patch_embed(cast(x), cast(conv.weight), cast(conv.bias), cast(prefix), cast(pos),
+                            self.pos_on_prefix)
+        x = ops.dropout(x, drop_rate(getattr(self, "pos_drop", None), self.training))
         x = _layer_norm(self.norm_pre, x)
+        training = self.training
         for blk, activation in zip(self.blocks, self._activations):
             attn, mlp = blk.attn, blk.mlp
             x = encoder_block(x, blk.norm1, attn.qkv, attn.proj, blk.norm2, mlp.fc1, mlp.fc2, cast,
                               num_heads=attn.num_heads, qkv_interleaved=False, scaling="paper",
                               activation=activation, gamma1=getattr(blk.ls1, "gamma", None),
-                              gamma2=getattr(blk.ls2, "gamma", None))
+                              gamma2=getattr(blk.ls2, "gamma", None), attn_drop=drop_rate(attn.attn_drop, training),
+                              proj_drop=drop_rate(attn.proj_drop, training), hidden_drop=drop_rate(mlp.drop1, training),
+                              out_drop=drop_rate(mlp.drop2, training))
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> tokens [B, N, E] after the final norm (timm's forward_features)."""
-        if self._reference_path(x):
-            return self.timm_model.forward_features(x)
+        grid, reference_path = self._prepare(x)
+        if reference_path:
+            return self._timm_features(x, grid)
         with explicit_dtypes(x):
-            return _layer_norm(self.norm, self._encode(x))
+            return _layer_norm(self.norm, self._encode(x, grid))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """tokens [B, N, E] (after the final norm) -> logits, or the pooled features with ``pre_logits``."""
@@ -191,15 +248,18 @@ class TimmViT(nn.Module):
         start = self.pool_start if self.pool == "mean" else 0
         x = ops.pool_tokens(x, self.pool, start, cast(getattr(norm, "weight", None)),
                             cast(getattr(norm, "bias", None)), getattr(norm, "eps", 1e-6), norm=norm is not None)
+        x = ops.dropout(x, drop_rate(getattr(self, "head_drop", None), self.training))
         if pre_logits or _is_identity(self.head):
             return x
         return ops.linear(x, cast(self.head.weight), cast(self.head.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._reference_path(x):
-            return self.timm_model(x)
+        grid, reference_path = self._prepare(x)
+        if reference_path:
+            m = self.timm_model
+            return m(x) if self._timm_takes(grid) else m.forward_head(self._timm_features(x, grid))
         with explicit_dtypes(x):
-            tokens = self._encode(x)
+            tokens = self._encode(x, grid)
             if self.pool == "token" and _is_identity(self.fc_norm) and not _is_identity(self.norm):
                 # LayerNorm then taking token 0 == taking token 0 then LayerNorm: one fused kernel
                 return self._head(tokens, self.norm)
@@ -214,9 +274,12 @@ def _layer_norm(norm, x):
     return ops.layer_norm(x, cast(norm.weight), cast(norm.bias), norm.eps)
 
 
-def from_timm(model) -> TimmViT:
+def from_timm(model, dynamic_img_size: bool | None = None) -> TimmViT:
     """Wrap a timm ``VisionTransformer`` so its forward runs on the fused kernels.
 
     The result has the same state_dict keys and shares the model's parameters (no copy).
+    ``dynamic_img_size``: None follows the model (timm's ``dynamic_img_size``); True accepts any image whose
+    sides are multiples of the patch size, resampling ``pos_embed`` exactly as timm's dynamic models do
+    (bicubic, antialiased, cached per size); False accepts only the model's ``img_size``.
     """
-    return TimmViT(model)
+    return TimmViT(model, dynamic_img_size)

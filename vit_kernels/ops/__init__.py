@@ -2,10 +2,12 @@
 function in PyTorch otherwise; ``use_backend`` pins the choice, ``launch_counts`` shows what ran."""
 from ._common import backend_for, launch_counts, reset_launch_counts, use_backend
 from .attention import attention
+from .attention_probs import attention_probabilities
+from .dropout import dropout
 from .head import classification_head, pool_tokens
 from .layer_norm import layer_norm
 from .linear import linear
 from .patch_embed import patch_embed
 
-__all__ = ["attention", "backend_for", "classification_head", "launch_counts", "layer_norm", "linear",
-           "patch_embed", "pool_tokens", "reset_launch_counts", "use_backend"]
+__all__ = ["attention", "attention_probabilities", "backend_for", "classification_head", "dropout", "launch_counts",
+           "layer_norm", "linear", "patch_embed", "pool_tokens", "reset_launch_counts", "use_backend"]

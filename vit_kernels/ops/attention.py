@@ -6,7 +6,9 @@ qkv is the qkv GEMM's output [B, N, 3E]. Its feature axis is split either as the
 
 Scalings: ``"seed"`` = softmax(QK^T) / sqrt(E) (the tutorial), ``"paper"`` = softmax(QK^T / sqrt(head_dim)).
 Both are ``out_scale * softmax(qk_scale * QK^T) V``. A boolean mask (True = attend) broadcastable to
-[B, heads, N, N] is optional; a query row with no allowed key gets zeros.
+[B, heads, N, N] is optional; a query row with no allowed key gets zeros. Dropout on the probabilities
+(``nn.Dropout`` after the softmax, as the tutorial and timm do) draws its mask from Philox on (seed, query,
+key, batch * heads + head), so backward regenerates it; the softmax normalizer uses the undropped values.
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..reference import attention_probabilities, check_mask
+from ..reference import attention_probabilities, check_mask, check_probability
 from ._common import (
     Tuned,
     check_sample_size,
@@ -30,6 +33,7 @@ from ._common import (
     row_major,
     use_kernels,
 )
+from .dropout import apply_dropout, dropout_keep, keep_scale, new_seed
 
 LAYOUTS = ("h d qkv", "qkv h d")
 LOG2E = 1.4426950408889634
@@ -56,10 +60,11 @@ def allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK: tl.constexpr):
     return ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, N, H, E, qk_scale, out_scale,
+                          seed, dropout_p, keep_scale,
                           stride_b, stride_n, stride_mb, stride_mh, stride_mq, stride_ob, stride_on,
-                          D: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_MASK: tl.constexpr,
+                          D: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                           STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # 1-D grid, query tiles of one (batch, head) adjacent: no grid-axis limit, K/V stay hot in L2.
@@ -98,6 +103,8 @@ def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, N, H, E, qk_scale
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + cols[:, None] * stride_n + d_off[None, :],
                     mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+        if DROPOUT:
+            p = apply_dropout(p, seed, offs_m, cols, bh, dropout_p, keep_scale)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION,
                                             out_dtype=tl.float32)
         m_i = m_new
@@ -119,16 +126,18 @@ def _probabilities(q, k, lse, mask_rows, row_ok, cols, N, qk_scale, HAS_MASK: tl
     return tl.where(allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK), p, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attention_bwd_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dqkv_ptr, N, H, E, qk_scale, out_scale,
-                          score_scale, stride_b, stride_n, stride_mb, stride_mh, stride_mq, stride_dob, stride_don,
-                          stride_gb, stride_gn, D: tl.constexpr, INTERLEAVED: tl.constexpr,
-                          HAS_MASK: tl.constexpr, DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          score_scale, seed, dropout_p, keep_scale, stride_b, stride_n, stride_mb, stride_mh,
+                          stride_mq, stride_dob, stride_don, stride_gb, stride_gn, D: tl.constexpr,
+                          INTERLEAVED: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                          DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """FlashAttention-2 backward, recomputing P from the log-sum-exp. DQ=False: one program per key tile,
     looping over queries, accumulates dK and dV; DQ=True: one program per query tile accumulates dQ. Two
     passes and no atomics: deterministic. Gradients land in the qkv buffer's own layout.
-    With O = out_scale * P V:  dV = out_scale P^T dO,  dP = out_scale dO V^T,  dS = P (dP - rowsum(dO * O)),
+    With O = out_scale * Z(P) V, Z the dropout (mask / (1 - p), regenerated from the seed):
+    dV = out_scale Z(P)^T dO,  dP = out_scale Z(dO V^T),  dS = P (dP - rowsum(dO * O)),
     dQ = score_scale dS K,  dK = score_scale dS^T Q."""
     pid = tl.program_id(0)
     TILE: tl.constexpr = BLOCK_N if not DQ else BLOCK_M
@@ -162,6 +171,8 @@ def _attention_bwd_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dqkv_pt
             v = tl.load(v_base + cols[:, None] * stride_n + d_off[None, :], mask=kv_mask, other=0.0)
             p = _probabilities(q, k, lse, mask_rows, tile_ok, cols, N, qk_scale, HAS_MASK, DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=tl.float32) * out_scale
+            if DROPOUT:
+                dp = apply_dropout(dp, seed, tile, cols, bh, dropout_p, keep_scale)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         tl.store(gq_base + tile[:, None] * stride_gn + d_off[None, :], (dq * score_scale).to(
@@ -183,14 +194,30 @@ def _attention_bwd_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dqkv_pt
             delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)
             mask_rows = mask_head + rows[:, None].to(tl.int64) * stride_mq
             p = _probabilities(q, k, lse, mask_rows, row_ok, tile, N, qk_scale, HAS_MASK, DOT_PRECISION)
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION, out_dtype=tl.float32)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=tl.float32) * out_scale
+            if DROPOUT:
+                keep = dropout_keep(seed, rows, tile, bh, dropout_p)
+                dv = tl.dot(tl.trans(tl.where(keep, p * keep_scale, 0.0).to(do.dtype)), do, dv,
+                            input_precision=DOT_PRECISION, out_dtype=tl.float32)
+                dp = tl.where(keep, dp * keep_scale, 0.0)
+            else:
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION, out_dtype=tl.float32)
             ds = p * (dp - delta[:, None])
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         tl.store(gk_base + tile[:, None] * stride_gn + d_off[None, :], (dk * score_scale).to(
             dqkv_ptr.dtype.element_ty), mask=kv_mask)
         tl.store(gv_base + tile[:, None] * stride_gn + d_off[None, :], (dv * out_scale).to(
             dqkv_ptr.dtype.element_ty), mask=kv_mask)
+
+def forward_fits(meta: dict, flags: dict) -> bool:
+    """Forward tilings that compile spill-free (compile check, sm_80/sm_90): 128-wide key tiles spill with a
+    mask tile, head_dim > 64 or dropout's Philox; mask + dropout also spills the 4-warp 64x64 tile on sm_80."""
+    heavy = flags.get("HAS_MASK") or flags.get("BLOCK_D", 0) > 64 or flags.get("DROPOUT")
+    if meta["BLOCK_N"] > 64 and heavy:
+        return False
+    return not (flags.get("HAS_MASK") and flags.get("DROPOUT") and not flags.get("INTERLEAVED")
+                and meta["BLOCK_M"] < 128)
+
 
 ATTENTION = Tuned(
     _attention_fwd_kernel,
@@ -200,10 +227,9 @@ ATTENTION = Tuned(
         config(8, 2, BLOCK_M=128, BLOCK_N=128),
         config(4, 2, BLOCK_M=64, BLOCK_N=128),
     ],
-    key=["N", "D", "HAS_MASK", "INTERLEAVED"],
+    key=["N", "D", "HAS_MASK", "INTERLEAVED", "DROPOUT"],
     interpret_config=dict(BLOCK_M=32, BLOCK_N=32),
-    # 128-wide key tiles spill registers with a mask tile or head_dim > 64 (compile check, sm_80/sm_90)
-    keep=lambda meta, flags: meta["BLOCK_N"] <= 64 or not (flags.get("HAS_MASK") or flags.get("BLOCK_D", 0) > 64),
+    keep=lambda meta, flags: forward_fits(meta, flags),
 )
 
 
@@ -213,7 +239,7 @@ ATTENTION_BACKWARD = Tuned(
     # untuned on a GPU so far
     configs=[config(8, 2, BLOCK_M=32, BLOCK_N=64), config(8, 2, BLOCK_M=64, BLOCK_N=32),
              config(4, 2, BLOCK_M=32, BLOCK_N=32)],
-    key=["N", "D", "HAS_MASK", "INTERLEAVED", "DQ"],
+    key=["N", "D", "HAS_MASK", "INTERLEAVED", "DROPOUT", "DQ"],
     interpret_config=dict(BLOCK_M=32, BLOCK_N=32),
     # the stride-3 (h d qkv) gathers spill in the other two tilings (sm_80: 64x32, sm_90: 32x32)
     keep=lambda meta, flags: not flags.get("INTERLEAVED") or (meta["BLOCK_M"], meta["BLOCK_N"]) == (32, 64),
@@ -227,9 +253,14 @@ def scales(scaling: str, E: int, D: int) -> tuple:
     return LOG2E / math.sqrt(D), 1.0
 
 
-def attention_launch(qkv, num_heads, layout, scaling, mask):
+def dropout_args(dropout: float, seed) -> tuple:
+    """The (seed, p, keep_scale) kernel arguments; p = 0 compiles dropout out (DROPOUT=False)."""
+    return (int(seed.item()) if dropout else 0), float(dropout), keep_scale(dropout)
+
+
+def attention_launch(qkv, num_heads, layout, scaling, mask, dropout=0.0, seed=None):
     """(out [B, N, E], the fp32 log2-domain log-sum-exp [B * heads, N] that backward needs). ``mask`` is None or
-    already prepared by ``contiguous_key_mask``."""
+    already prepared by ``contiguous_key_mask``; ``dropout`` > 0 needs a ``new_seed()`` tensor."""
     qkv = row_major(qkv)
     B, N, E3 = qkv.shape
     E = E3 // 3
@@ -240,14 +271,15 @@ def attention_launch(qkv, num_heads, layout, scaling, mask):
         qk_scale, out_scale = scales(scaling, E, D)
         ATTENTION.launch(
             "attention", None, lambda meta: attention_grid(B, num_heads, N, meta["BLOCK_M"]),
-            qkv, qkv if mask is None else mask, out, lse, N, num_heads, E, qk_scale, out_scale, qkv.stride(0),
-            qkv.stride(1), *mask_strides(mask), out.stride(0), out.stride(1), D=D, INTERLEAVED=layout == "h d qkv",
-            HAS_MASK=mask is not None, STORE_LSE=True, DOT_PRECISION=dot_precision(qkv.dtype),
+            qkv, qkv if mask is None else mask, out, lse, N, num_heads, E, qk_scale, out_scale,
+            *dropout_args(dropout, seed), qkv.stride(0), qkv.stride(1), *mask_strides(mask), out.stride(0),
+            out.stride(1), D=D, INTERLEAVED=layout == "h d qkv", HAS_MASK=mask is not None, DROPOUT=dropout > 0,
+            STORE_LSE=True, DOT_PRECISION=dot_precision(qkv.dtype),
             BLOCK_D=max(16, triton.next_power_of_2(D)))
     return out, lse
 
 
-def attention_backward(dout, qkv, out, lse, mask, num_heads, layout, scaling):
+def attention_backward(dout, qkv, out, lse, mask, num_heads, layout, scaling, dropout=0.0, seed=None):
     """d qkv [B, N, 3E] in qkv's own layout, from dout [B, N, E]: two deterministic passes (dK/dV, then dQ)."""
     dout, qkv = row_major(dout), row_major(qkv)
     B, N, E3 = qkv.shape
@@ -264,10 +296,10 @@ def attention_backward(dout, qkv, out, lse, mask, num_heads, layout, scaling):
             "attention_backward", None,
             lambda meta, dq=dq: attention_grid(B, num_heads, N, meta["BLOCK_M" if dq else "BLOCK_N"]),
             qkv, dout, lse, delta, qkv if mask is None else mask, dqkv, N, num_heads, E, qk_scale,
-            out_scale, qk_scale / LOG2E, qkv.stride(0), qkv.stride(1), *mask_strides(mask), dout.stride(0),
-            dout.stride(1), dqkv.stride(0), dqkv.stride(1), D=D, INTERLEAVED=layout == "h d qkv",
-            HAS_MASK=mask is not None, DQ=dq, DOT_PRECISION=dot_precision(qkv.dtype),
-            BLOCK_D=max(16, triton.next_power_of_2(D)))
+            out_scale, qk_scale / LOG2E, *dropout_args(dropout, seed), qkv.stride(0), qkv.stride(1),
+            *mask_strides(mask), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1), D=D,
+            INTERLEAVED=layout == "h d qkv", HAS_MASK=mask is not None, DROPOUT=dropout > 0, DQ=dq,
+            DOT_PRECISION=dot_precision(qkv.dtype), BLOCK_D=max(16, triton.next_power_of_2(D)))
     return dqkv
 
 
@@ -294,37 +326,39 @@ def mask_strides(mask) -> tuple:
 
 @torch.library.custom_op("vit_kernels::attention", mutates_args=())
 def attention_op(qkv: torch.Tensor, mask: Optional[torch.Tensor], num_heads: int, layout: str,
-                 scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
+                 scaling: str, dropout: float = 0.0, seed: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, log-sum-exp) as a torch.library op; ``mask`` prepared by ``contiguous_key_mask``."""
-    return attention_launch(qkv, num_heads, layout, scaling, mask)
+    return attention_launch(qkv, num_heads, layout, scaling, mask, dropout, seed)
 
 
 @attention_op.register_fake
-def _(qkv, mask, num_heads, layout, scaling):
+def _(qkv, mask, num_heads, layout, scaling, dropout=0.0, seed=None):
     B, N, E3 = qkv.shape
     return qkv.new_empty((B, N, E3 // 3)), qkv.new_empty((B * num_heads, N), dtype=torch.float32)
 
 
 @torch.library.custom_op("vit_kernels::attention_backward", mutates_args=())
 def attention_backward_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                          mask: Optional[torch.Tensor], num_heads: int, layout: str, scaling: str) -> torch.Tensor:
-    return attention_backward(dout, qkv, out, lse, mask, num_heads, layout, scaling)
+                          mask: Optional[torch.Tensor], num_heads: int, layout: str, scaling: str,
+                          dropout: float = 0.0, seed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return attention_backward(dout, qkv, out, lse, mask, num_heads, layout, scaling, dropout, seed)
 
 
 @attention_backward_op.register_fake
-def _(dout, qkv, out, lse, mask, num_heads, layout, scaling):
+def _(dout, qkv, out, lse, mask, num_heads, layout, scaling, dropout=0.0, seed=None):
     return qkv.new_empty(qkv.shape)
 
 
 def _attention_setup(ctx, inputs, output):
-    qkv, mask, num_heads, layout, scaling = inputs
-    ctx.save_for_backward(qkv, output[0], output[1], mask)
-    ctx.args = (num_heads, layout, scaling)
+    qkv, mask, num_heads, layout, scaling, dropout, seed = inputs
+    ctx.save_for_backward(qkv, output[0], output[1], mask, seed)
+    ctx.args = (num_heads, layout, scaling, dropout)
 
 
 def _attention_grad(ctx, dout, _dlse):
-    qkv, out, lse, mask = ctx.saved_tensors
-    return attention_backward_op(dout, qkv, out, lse, mask, *ctx.args), None, None, None, None
+    qkv, out, lse, mask, seed = ctx.saved_tensors
+    return attention_backward_op(dout, qkv, out, lse, mask, *ctx.args, seed), None, None, None, None, None, None
 
 
 attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
@@ -341,18 +375,25 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, layout: str):
     return parts[0], parts[1], parts[2]
 
 
-def attention_torch(qkv, num_heads, layout="h d qkv", scaling="seed", mask=None):
-    """The PyTorch fallback, same semantics (fully masked rows give zeros)."""
-    q, k, v = split_qkv(qkv, num_heads, layout)
+def attention_torch_probabilities(qkv, num_heads, layout="h d qkv", scaling="seed", mask=None):
+    """softmax(qk_scale * Q K^T), [B, heads, N, N], in fp32 or fp64 for a float64 oracle (the PyTorch path;
+    0 where masked)."""
+    q, k, _ = split_qkv(qkv, num_heads, layout)
+    E = qkv.shape[2] // 3
+    energy = torch.matmul(q, k.transpose(-1, -2)) * (scales(scaling, E, E // num_heads)[0] / LOG2E)
+    return attention_probabilities(energy.to(torch.promote_types(energy.dtype, torch.float32)), mask)
+
+
+def attention_torch(qkv, num_heads, layout="h d qkv", scaling="seed", mask=None, dropout=0.0):
+    """The PyTorch fallback, same semantics (fully masked rows give zeros; dropout masks from torch's RNG)."""
+    v = split_qkv(qkv, num_heads, layout)[2]
     B, N, E3 = qkv.shape
-    E, D = E3 // 3, E3 // 3 // num_heads
-    qk_scale, out_scale = scales(scaling, E, D)
-    energy = torch.matmul(q, k.transpose(-1, -2)) * (qk_scale / LOG2E)
-    att = attention_probabilities(energy.float(), mask).to(v.dtype) * out_scale
-    return torch.matmul(att, v).transpose(1, 2).reshape(B, N, E)
+    out_scale = scales(scaling, E3 // 3, E3 // 3 // num_heads)[1]
+    att = F.dropout(attention_torch_probabilities(qkv, num_heads, layout, scaling, mask), dropout)
+    return torch.matmul(att.to(v.dtype) * out_scale, v).transpose(1, 2).reshape(B, N, E3 // 3)
 
 
-def check_attention(qkv, num_heads, layout, scaling, mask):
+def check_attention(qkv, num_heads, layout, scaling, mask, dropout=0.0):
     check_tensor("qkv", qkv, dims=3)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
@@ -364,6 +405,7 @@ def check_attention(qkv, num_heads, layout, scaling, mask):
     if scaling not in ("seed", "paper"):
         raise ValueError(f"scaling must be 'seed' or 'paper', got {scaling!r}")
     check_mask(mask, qkv.shape[0], num_heads, qkv.shape[1])
+    check_probability("dropout", dropout)
     if mask is not None and mask.device != qkv.device:
         raise ValueError(f"mask is on {mask.device} but qkv is on {qkv.device}")
     check_sample_size("qkv", qkv.shape[1] * qkv.stride(1) if qkv.dim() == 3 and qkv.shape[1] else 0)
@@ -373,16 +415,18 @@ def check_attention(qkv, num_heads, layout, scaling, mask):
 
 
 def attention(qkv: torch.Tensor, num_heads: int, layout: str = "h d qkv", scaling: str = "seed",
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
     """Multi-head self-attention from a fused qkv buffer [B, N, 3E]; returns [B, N, E] in (h d) order.
 
     layout: ``"h d qkv"`` (the tutorial's rearrange) or ``"qkv h d"`` (timm). scaling: ``"seed"`` or
-    ``"paper"``. mask: optional bool, broadcastable to [B, heads, N, N], True = attend.
+    ``"paper"``. mask: optional bool, broadcastable to [B, heads, N, N], True = attend. dropout: the rate
+    applied to the attention probabilities (0 compiles it out).
     """
-    check_attention(qkv, num_heads, layout, scaling, mask)
+    check_attention(qkv, num_heads, layout, scaling, mask, dropout)
     if not use_kernels(qkv, mask):
-        return attention_torch(qkv, num_heads, layout, scaling, mask)
+        return attention_torch(qkv, num_heads, layout, scaling, mask, dropout)
     prepared = None if mask is None else contiguous_key_mask(mask, qkv.shape[1])
+    seed = new_seed() if dropout else None
     if dispatcher_free(qkv):
-        return attention_launch(qkv, num_heads, layout, scaling, prepared)[0]
-    return attention_op(qkv, prepared, num_heads, layout, scaling)[0]
+        return attention_launch(qkv, num_heads, layout, scaling, prepared, float(dropout), seed)[0]
+    return attention_op(qkv, prepared, num_heads, layout, scaling, float(dropout), seed)[0]

@@ -1,7 +1,9 @@
-"""One GEMM engine for every Linear of the ViT: ``out = residual + scale * act(x @ W^T + bias)``.
+"""One GEMM engine for every Linear of the ViT:
+``out = residual + scale * dropout(act(x @ W^T + bias))``.
 
-Each epilogue piece (bias, GELU erf/tanh, per-feature scale = timm's LayerScale, residual add) is a
-constexpr flag, so qkv, proj(+residual), fc1(+GELU), fc2(+residual) and the head are one kernel source.
+Each epilogue piece (bias, GELU erf/tanh, dropout, per-feature scale = timm's LayerScale, residual add) is
+a constexpr flag, so qkv, proj(+dropout+residual), fc1(+GELU+dropout), fc2(+dropout+residual) and the head
+are one kernel source. Dropout masks come from Philox on (seed, row, column): backward regenerates them.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..reference import check_probability
 from ._common import (
     Tuned,
     check_device,
@@ -25,6 +28,7 @@ from ._common import (
     row_major,
     use_kernels,
 )
+from .dropout import apply_dropout, dropout_op, keep_scale, new_seed
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 
@@ -48,8 +52,9 @@ def weight_row(n, N, DEINTERLEAVE: tl.constexpr):
 
 @triton.jit
 def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr,
-              HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr):
+              seed, dropout_p, keep_scale, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+              DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+              DEINTERLEAVE: tl.constexpr):
     n_mask = offs_n < N
     if HAS_BIAS:
         bias_idx = weight_row(offs_n % N, N, DEINTERLEAVE)
@@ -58,6 +63,8 @@ def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, res_ptr, out_ptr, 
         acc = gelu(acc, False)
     elif ACTIVATION == "gelu_tanh":
         acc = gelu(acc, True)
+    if DROPOUT:  # indexed by output (row, column): the same mask whatever the tiling
+        acc = apply_dropout(acc, seed, offs_m, offs_n, 0, dropout_p, keep_scale)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     rows = offs_m.to(tl.int64)[:, None]
@@ -67,10 +74,10 @@ def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, res_ptr, out_ptr, 
     tl.store(out_ptr + rows * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _linear_kernel(a_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, M, N, K,
-                   stride_am, stride_wn, stride_rm, stride_om,
-                   HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   stride_am, stride_wn, stride_rm, stride_om, seed, dropout_p, keep_scale,
+                   HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
                    HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    SPLIT_EPILOGUE: tl.constexpr):
@@ -107,12 +114,13 @@ def _linear_kernel(a_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, M, N, K,
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         offs_half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
         _epilogue(left, offs_m, offs_half, M, N, bias_ptr, scale_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-                  HAS_BIAS, ACTIVATION, HAS_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
+                  seed, dropout_p, keep_scale, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
         _epilogue(right, offs_m, offs_half + BLOCK_N // 2, M, N, bias_ptr, scale_ptr, res_ptr, out_ptr, stride_rm,
-                  stride_om, HAS_BIAS, ACTIVATION, HAS_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
+                  stride_om, seed, dropout_p, keep_scale, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_RESIDUAL,
+                  DEINTERLEAVE)
     else:
         _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-                  HAS_BIAS, ACTIVATION, HAS_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
+                  seed, dropout_p, keep_scale, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
 
 
 LINEAR = Tuned(
@@ -128,7 +136,10 @@ LINEAR = Tuned(
         config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
         config(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
     ],
-    key=["M", "N", "K", "HAS_RESIDUAL", "ACTIVATION"],
+    key=["M", "N", "K", "HAS_RESIDUAL", "ACTIVATION", "DROPOUT"],
+    # Philox in the epilogue (10 rounds per element) spills every larger tile (compile check, sm_80/sm_90):
+    # dropout GEMMs, a training-only path, run 64x64 tiles
+    keep=lambda meta, flags: not flags.get("DROPOUT") or (meta["BLOCK_M"], meta["BLOCK_N"]) == (64, 64),
     interpret_config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_EPILOGUE=True),
 )
 
@@ -154,9 +165,11 @@ def _check(x, weight, bias, activation, scale, residual, deinterleave):
             raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {(x.shape[0], n)}")
 
 
-def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1, config=None):
+def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1, dropout=0.0,
+                  seed=None, config=None):
     """Launch the fused GEMM on 2-D ``x`` [M, K] and ``weight`` [N, K]; returns [M, N] in x's dtype.
-    ``config`` (a triton.Config) bypasses autotuning: tests and the config sweep use it."""
+    ``dropout`` > 0 needs ``seed`` (a ``new_seed()`` tensor). ``config`` (a triton.Config) bypasses
+    autotuning: tests and the config sweep use it."""
     x, weight = row_major(x), row_major(weight)
     residual = None if residual is None else row_major(residual)
     M, K = x.shape
@@ -170,7 +183,8 @@ def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=No
         x, weight, dummy if bias is None else bias, dummy if scale is None else scale,
         dummy if residual is None else residual, out, M, N, K,
         x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_SCALE=scale is not None,
+        int(seed.item()) if dropout else 0, float(dropout), keep_scale(dropout),
+        HAS_BIAS=bias is not None, ACTIVATION=activation, DROPOUT=dropout > 0, HAS_SCALE=scale is not None,
         HAS_RESIDUAL=residual is not None, DEINTERLEAVE=deinterleave, DOT_PRECISION=dot_precision(x.dtype))
     return out
 
@@ -185,9 +199,10 @@ def gelu_derivative(pre: torch.Tensor, activation: str) -> torch.Tensor:
     return 0.5 * (1 + torch.erf(x * 0.7071067811865476)) + x * torch.exp(-0.5 * x * x) * 0.3989422804014327
 
 
-def linear_backward(dy, x, weight, bias, activation, scale, deinterleave, needs):
-    """(dx, dweight, dbias, dscale, dresidual). The GEMMs are cuBLAS through torch.mm (allowed for the plain
-    GEMMs of backward); the pre-activation is recomputed with our kernel only when GELU or scale needs it."""
+def linear_backward(dy, x, weight, bias, activation, scale, deinterleave, dropout, seed, needs):
+    """(dx, dweight, dbias, dscale). The GEMMs are cuBLAS through torch.mm (allowed for the plain GEMMs of
+    backward); the pre-activation is recomputed with our kernel only when GELU or scale needs it, and the
+    dropout mask is regenerated from the seed by the dropout kernel."""
     dy32 = dy.float()
     need_pre = activation is not None or (scale is not None and needs[4])
     pre = linear_op(x, weight, bias, None, None, None, deinterleave).float() if need_pre else None
@@ -196,8 +211,10 @@ def linear_backward(dy, x, weight, bias, activation, scale, deinterleave, needs)
         if needs[4]:
             act = pre if activation is None else F.gelu(pre, approximate="tanh" if activation == "gelu_tanh"
                                                         else "none")
-            dscale = (dy32 * act).sum(0).to(scale.dtype)
+            dscale = (dy32 * (dropout_op(act, seed, dropout) if dropout else act)).sum(0).to(scale.dtype)
         dy32 = dy32 * scale.float()
+    if dropout:
+        dy32 = dropout_op(dy32, seed, dropout)
     if activation is not None:
         dy32 = dy32 * gelu_derivative(pre, activation)
     if deinterleave > 1:  # back from output order to weight-row order
@@ -212,39 +229,44 @@ def linear_backward(dy, x, weight, bias, activation, scale, deinterleave, needs)
 
 @torch.library.custom_op("vit_kernels::linear", mutates_args=())
 def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: Optional[str],
-              scale: Optional[torch.Tensor], residual: Optional[torch.Tensor], deinterleave: int) -> torch.Tensor:
+              scale: Optional[torch.Tensor], residual: Optional[torch.Tensor], deinterleave: int,
+              dropout: float = 0.0, seed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fused GEMM on 2-D x as a torch.library op (torch.compile sees through it)."""
-    return linear_launch(x, weight, bias, activation, scale, residual, deinterleave)
+    return linear_launch(x, weight, bias, activation, scale, residual, deinterleave, dropout, seed)
 
 
 @linear_op.register_fake
-def _(x, weight, bias, activation, scale, residual, deinterleave):
+def _(x, weight, bias, activation, scale, residual, deinterleave, dropout=0.0, seed=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _linear_setup(ctx, inputs, output):
-    x, weight, bias, activation, scale, residual, deinterleave = inputs
-    ctx.save_for_backward(x, weight, bias, scale)
-    ctx.activation, ctx.deinterleave, ctx.has_residual = activation, deinterleave, residual is not None
+    x, weight, bias, activation, scale, residual, deinterleave, dropout, seed = inputs
+    ctx.save_for_backward(x, weight, bias, scale, seed)
+    ctx.activation, ctx.deinterleave, ctx.has_residual, ctx.dropout = (activation, deinterleave,
+                                                                       residual is not None, dropout)
 
 
 def _linear_grad(ctx, dy):
-    x, weight, bias, scale = ctx.saved_tensors
+    x, weight, bias, scale, seed = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    dx, dw, db, dscale = linear_backward(dy, x, weight, bias, ctx.activation, scale, ctx.deinterleave, needs)
-    return dx, dw, db, None, dscale, (dy if ctx.has_residual and needs[5] else None), None
+    dx, dw, db, dscale = linear_backward(dy, x, weight, bias, ctx.activation, scale, ctx.deinterleave,
+                                         ctx.dropout, seed, needs)
+    return dx, dw, db, None, dscale, (dy if ctx.has_residual and needs[5] else None), None, None, None
 
 
 linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
-def linear_torch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1):
-    """The PyTorch fallback, same semantics."""
+def linear_torch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1, dropout=0.0):
+    """The PyTorch fallback, same semantics (its dropout masks come from torch's RNG, not Philox)."""
     y = F.linear(x, weight, bias)
     if deinterleave > 1:
         y = y.unflatten(-1, (-1, deinterleave)).transpose(-1, -2).flatten(-2)
     if activation is not None:
         y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    if dropout:
+        y = F.dropout(y, dropout)
     if scale is not None:
         y = y * scale
     return y if residual is None else residual + y
@@ -252,11 +274,13 @@ def linear_torch(x, weight, bias=None, activation=None, scale=None, residual=Non
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
            scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-           deinterleave: int = 1) -> torch.Tensor:
-    """``residual + scale * activation(x @ weight.T + bias)`` over the last axis of ``x`` (any leading dims).
+           deinterleave: int = 1, dropout: float = 0.0) -> torch.Tensor:
+    """``residual + scale * dropout(activation(x @ weight.T + bias))`` over the last axis of ``x`` (any
+    leading dims).
 
-    activation: None, ``"gelu"`` (exact erf) or ``"gelu_tanh"``; scale is a per-output-feature vector;
-    residual has the output's shape. All tensors share x's dtype and device.
+    activation: None, ``"gelu"`` (exact erf) or ``"gelu_tanh"``; dropout: the probability of zeroing an
+    element (survivors scaled by 1 / (1 - p), as nn.Dropout; 0 compiles it out); scale is a per-output-feature
+    vector; residual has the output's shape. All tensors share x's dtype and device.
     deinterleave=G reads the weight rows (and bias) as interleaved groups, row j*G+g, and writes them grouped,
     column g*(N/G)+j: with G=3 the tutorial's "(h d qkv)" qkv weights give a "(qkv h d)" output, whose head
     dims are contiguous for attention. The scale and residual apply in output order.
@@ -271,7 +295,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         check_tensor("residual", residual)
         res2 = residual.reshape(-1, residual.shape[-1]) if residual.shape[:-1] == lead else residual
     _check(x2, weight, bias, activation, scale, res2, deinterleave)
+    check_probability("dropout", dropout)
     if not use_kernels(x):
-        return linear_torch(x, weight, bias, activation, scale, residual, deinterleave)
+        return linear_torch(x, weight, bias, activation, scale, residual, deinterleave, dropout)
     op = linear_launch if dispatcher_free(x2, weight, bias, scale, res2) else linear_op
-    return op(x2, weight, bias, activation, scale, res2, deinterleave).view(*lead, weight.shape[0])
+    seed = new_seed() if dropout else None
+    return op(x2, weight, bias, activation, scale, res2, deinterleave, float(dropout), seed).view(
+        *lead, weight.shape[0])

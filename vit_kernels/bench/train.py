@@ -1,0 +1,132 @@
+"""Training step: forward + backward + AdamW under bf16 autocast, ms/step, img/s and peak memory per candidate.
+
+Each candidate is built fresh from the same seed (fp32 master weights, as mixed-precision training keeps
+them), checked against its twin on the first step (loss and gradient norm) and then timed; peak memory is
+``torch.cuda.max_memory_allocated`` over its own steps, the model, gradients and optimizer state included.
+"""
+from __future__ import annotations
+
+import gc
+
+import torch
+import torch.nn.functional as F
+
+from .models import CONFIGS
+from .timing import device_info, on_gpu, time_ms
+
+OURS, TIMM = "ours (from_timm)", "timm eager (SDPA)"
+
+
+def _builders(name: str, device, compile_modes) -> dict:
+    """{candidate: (build() -> model, twin candidate)}; every build starts from the same random weights."""
+    import timm
+
+    import vit_kernels
+    from vit_kernels import reference
+
+    c = CONFIGS[name]
+    kwargs = dict(in_channels=3, patch_size=c["patch"], emb_size=c["emb"], img_size=c["img"], depth=c["depth"],
+                  n_classes=1000, num_heads=c["heads"], scaling="paper")
+
+    def timm_model():
+        torch.manual_seed(0)
+        return timm.create_model(c["timm"], pretrained=False, img_size=c["img"], patch_size=c["patch"],
+                                 embed_dim=c["emb"], depth=c["depth"], num_heads=c["heads"]).to(device)
+
+    def tutorial(cls):
+        torch.manual_seed(0)
+        return cls(**kwargs).to(device)
+
+    builders = {
+        TIMM: (timm_model, None),
+        OURS: (lambda: vit_kernels.from_timm(timm_model()), TIMM),
+        "reference eager": (lambda: tutorial(reference.ViT), None),
+        "ours (tutorial ViT)": (lambda: tutorial(vit_kernels.ViT), "reference eager"),
+    }
+    for mode in compile_modes:
+        builders[f"timm torch.compile ({mode})"] = (
+            lambda mode=mode: torch.compile(timm_model(), mode=None if mode == "default" else mode, dynamic=False),
+            TIMM)
+    return builders
+
+
+def _trainer(model, x, y, dtype):
+    """One optimizer step; returns (loss, grad norm) of the step it ran."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu())
+    autocast = dtype != torch.float32
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=dtype, enabled=autocast):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in model.parameters()
+                                                     if p.grad is not None]))
+        opt.step()
+        return loss, norm
+
+    return step
+
+
+def run_train(models=("vit_b_16",), batches=(64, 128), dtype=torch.bfloat16, compile_modes=(),
+              progress=print) -> dict:
+    """Rows for every model x batch x candidate, and the ViT-B/16 batch-128 headline figures."""
+    device = "cuda" if on_gpu() else "cpu"
+    rows = []
+    for name in models:
+        builders = _builders(name, device, compile_modes if on_gpu() else ())
+        for batch in batches:
+            torch.manual_seed(1)
+            x = torch.randn(batch, 3, CONFIGS[name]["img"], CONFIGS[name]["img"], device=device)
+            y = torch.randint(0, 1000, (batch,), device=device)
+            first = {}
+            for cand, (build, twin) in builders.items():
+                model = build().train()
+                step = _trainer(model, x, y, dtype)
+                loss, norm = (t.item() for t in step())  # the first step, from identical weights
+                first[cand] = (loss, norm)
+                if twin is not None:
+                    _check(name, batch, cand, (loss, norm), twin, first[twin], dtype)
+                if on_gpu():
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                ms = time_ms(step, warmup=5, rep=50)
+                peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu() else None
+                rows.append(dict(model=name, batch=batch, dtype=str(dtype).replace("torch.", ""), candidate=cand,
+                                 ms=ms, img_per_s=batch / ms * 1e3, peak_mib=peak, first_loss=loss,
+                                 first_grad_norm=norm))
+                progress(f"train {name} batch {batch} {cand:<34} {ms:9.2f} ms/step"
+                         + (f"  peak {peak:8.0f} MiB" if peak else "") + ("" if on_gpu() else "  (CPU)"))
+                del model, step
+                gc.collect()
+                if on_gpu():
+                    torch.cuda.empty_cache()
+            base = {r["candidate"]: r["ms"] for r in rows if r["model"] == name and r["batch"] == batch}
+            for r in rows:
+                if r["model"] == name and r["batch"] == batch:
+                    r["speedup_vs_timm_eager"] = base[TIMM] / r["ms"]
+    return dict(device=device_info(), benchmark="train", rows=rows, headline=train_headline(rows, dtype))
+
+
+def _check(name, batch, cand, got, twin, expected, dtype):
+    """First-step loss and gradient norm within 5% (16-bit autocast) or 1e-3 (fp32) of the twin's."""
+    limit = 1e-3 if dtype == torch.float32 else 5e-2
+    for what, a, b in (("loss", got[0], expected[0]), ("gradient norm", got[1], expected[1])):
+        if not abs(a - b) <= limit * max(1.0, abs(b)):
+            raise AssertionError(f"train {name} batch {batch}: {cand} first-step {what} {a:.5g} differs from "
+                                 f"{twin}'s {b:.5g}")
+
+
+def train_headline(rows, dtype) -> dict:
+    """ViT-B/16, batch 128, bf16 autocast: speedup vs compiled and eager timm, and the peak-memory ratio."""
+    head = dict(train_bs128_vs_compile=None, train_bs128_vs_timm_eager=None, train_bs128_peak_vs_timm_eager=None)
+    if not on_gpu() or dtype != torch.bfloat16:
+        return head
+    here = {r["candidate"]: r for r in rows if r["model"] == "vit_b_16" and r["batch"] == 128}
+    if OURS in here and TIMM in here:
+        head["train_bs128_vs_timm_eager"] = here[TIMM]["ms"] / here[OURS]["ms"]
+        head["train_bs128_peak_vs_timm_eager"] = here[OURS]["peak_mib"] / here[TIMM]["peak_mib"]
+        compiled = here.get("timm torch.compile (default)")
+        if compiled:
+            head["train_bs128_vs_compile"] = compiled["ms"] / here[OURS]["ms"]
+    return head
