@@ -14,7 +14,7 @@ from vit_kernels.ops.dropout import dropout_op, new_seed
 from vit_kernels.ops.linear import linear_torch
 from vit_kernels.reference import attention_probabilities
 
-from helpers import randn
+from helpers import assert_matches, randn
 
 
 def assert_keep_rate(keep: torch.Tensor, p: float) -> None:
@@ -169,3 +169,28 @@ def test_dropout_ops_reject_bad_rates():
         ops.attention(qkv, 2, dropout=1.2)
     with pytest.raises(ValueError, match="dropout must be a probability"):
         ops.linear(torch.randn(3, 4), torch.randn(5, 4), dropout=-0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_low_precision_dropout_within_twice_pytorch_error(dtype, device):
+    """Masks do not depend on the dtype: recover them in fp32, then hold the 16-bit kernels to the 2x rule
+    against the formula under the same masks (fp64 reference, PyTorch's own 16-bit result as the yardstick)."""
+    B, H, N, D, p = 2, 2, 13, 16, 0.2
+    keep = attention_keep_mask(B, H, N, D, p, 9, "qkv h d", device)
+    qkv = randn(B, N, 3 * H * D, device=device, dtype=dtype)
+    torch.manual_seed(9)
+    got = ops.attention(qkv, H, "qkv h d", "paper", dropout=p)
+    assert_matches(got, attention_under_mask(qkv, H, "qkv h d", "paper", None, keep, p),
+                   attention_under_mask(qkv.double(), H, "qkv h d", "paper", None, keep, p))
+
+    x, w, b = randn(37, 40, device=device, dtype=dtype), randn(51, 40, device=device, dtype=dtype, scale=0.2), \
+        randn(51, device=device, dtype=dtype)
+    torch.manual_seed(4)
+    kept = ops.linear(x.float(), w.float(), b.float(), "gelu", dropout=p) != 0
+    torch.manual_seed(4)
+    got = ops.linear(x, w, b, "gelu", dropout=p)
+
+    def formula(*t):
+        return torch.where(kept, linear_torch(*t, "gelu") / (1 - p), 0.0).to(t[0].dtype)
+
+    assert_matches(got, formula(x, w, b), formula(x.double(), w.double(), b.double()))

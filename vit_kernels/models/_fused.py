@@ -41,6 +41,32 @@ def check_matches_model(model: nn.Module, x: torch.Tensor) -> None:
                         f"one of them (e.g. model.to({x.dtype})) or run under torch.autocast")
 
 
+class SharedModel(nn.Module):
+    """Base of the wrappers around another framework's ViT: the model's own parameters, buffers and children
+    are registered here under the same names and in the same order (the same state_dict keys; tensors
+    shared, not copied). The model itself is kept as ``original`` (not a child, so not in the state_dict),
+    its train/eval flag in step with ours."""
+
+    last_backend: str | None = None
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for name, param in model.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in model.named_buffers(recurse=False):
+            self.register_buffer(name, buf)
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "original", model)
+        self.train(model.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if "original" in self.__dict__:
+            self.original.training = mode  # the children are shared; the original's own flag follows
+        return self
+
+
 def drop_rate(module: nn.Module | None, training: bool) -> float:
     """The rate a dropout module applies in this forward: its ``p`` in train mode, else 0."""
     return float(module.p) if training and module is not None else 0.0

@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import ops
 from ._fused import (
+    SharedModel,
     caster,
     compute_dtype,
     drop_rate,
@@ -136,7 +137,7 @@ def check_supported(model) -> None:
         _unsupported(f"classifier of type {type(classifier).__name__}")
 
 
-class HFViT(nn.Module):
+class HFViT(SharedModel):
     """A Hugging Face ViTModel / ViTForImageClassification's modules and parameters (shared, same names)
     with a fused forward returning the same output class.
 
@@ -147,19 +148,9 @@ class HFViT(nn.Module):
     inside the kernels.
     """
 
-    last_backend: str | None = None
-
     def __init__(self, model):
-        super().__init__()
         check_supported(model)
-        # parameters, buffers, then children: the same state_dict key order as the original
-        for name, param in model.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        for name, buf in model.named_buffers(recurse=False):
-            self.register_buffer(name, buf)
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        object.__setattr__(self, "hf_model", model)  # not a child: its loss function and train flag
+        super().__init__(model)
         self.config = model.config
         self.is_classifier = hasattr(model, "classifier")
         vit = model.vit if self.is_classifier else model
@@ -168,13 +159,6 @@ class HFViT(nn.Module):
         self._qkv_cache = [None] * len(self._layers)
         self._pos_cache = PositionCache()  # interpolate_pos_encoding: one resample per image size
         self._activation = _activation(model.config)
-        self.train(model.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if "hf_model" in self.__dict__:
-            self.hf_model.training = mode  # the children are shared; keep the original's own flag in step
-        return self
 
     # --- pieces ------------------------------------------------------------------------------------------
     def _fused_qkv(self, i: int) -> _Weights:
@@ -297,7 +281,7 @@ class HFViT(nn.Module):
         from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
         if self.is_classifier:
-            loss = None if labels is None else self.hf_model.loss_function(labels, logits, config)
+            loss = None if labels is None else self.original.loss_function(labels, logits, config)
             out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden, attentions=attentions)
         else:
             out = BaseModelOutputWithPooling(last_hidden_state=sequence, pooler_output=pooled, hidden_states=hidden,

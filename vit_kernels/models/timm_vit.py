@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import ops
 from ._fused import (
+    SharedModel,
     caster,
     check_matches_model,
     compute_dtype,
@@ -113,22 +114,12 @@ def check_supported(model) -> None:
         _check_layer_scale(f"{where}.ls2", blk.ls2)
 
 
-class TimmViT(nn.Module):
+class TimmViT(SharedModel):
     """A timm VisionTransformer's modules and parameters (shared, same names) with a fused forward."""
 
-    last_backend: str | None = None
-
     def __init__(self, model, dynamic_img_size: bool | None = None):
-        super().__init__()
         check_supported(model)
-        # parameters, buffers, then children: the same state_dict key order as timm's
-        for name, param in model.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        for name, buf in model.named_buffers(recurse=False):
-            self.register_buffer(name, buf)
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        object.__setattr__(self, "timm_model", model)  # not a child: the path for stochastic depth
+        super().__init__(model)  # self.original: timm's own forward, the path for stochastic depth
         self.num_prefix_tokens = model.num_prefix_tokens
         self.pos_on_prefix = not model.no_embed_class
         self.pool = POOLS[model.global_pool]
@@ -146,7 +137,6 @@ class TimmViT(nn.Module):
         for blk in model.blocks:
             fused += [blk.attn.attn_drop, blk.attn.proj_drop, blk.mlp.drop1, blk.mlp.drop2]
         self._fused_dropout = {id(m) for m in fused if m is not None}
-        self.train(model.training)
 
     def _check_image(self, x: torch.Tensor) -> tuple[int, int]:
         """Checks x; returns its patch grid."""
@@ -186,12 +176,12 @@ class TimmViT(nn.Module):
 
     def _timm_takes(self, grid) -> bool:
         """Whether timm's own forward accepts this grid (its size, or a dynamic_img_size model)."""
-        return getattr(self.timm_model, "dynamic_img_size", False) or grid == tuple(self.patch_embed.grid_size)
+        return getattr(self.original, "dynamic_img_size", False) or grid == tuple(self.patch_embed.grid_size)
 
     def _timm_features(self, x: torch.Tensor, grid) -> torch.Tensor:
         """timm's forward_features in PyTorch (stochastic depth): timm's own when it takes this size, else
         timm's modules with the resampled position table (an opted-in model at another size)."""
-        m = self.timm_model
+        m = self.original
         if self._timm_takes(grid):
             return m.forward_features(x)
         tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
@@ -256,7 +246,7 @@ class TimmViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid, reference_path = self._prepare(x)
         if reference_path:
-            m = self.timm_model
+            m = self.original
             return m(x) if self._timm_takes(grid) else m.forward_head(self._timm_features(x, grid))
         with explicit_dtypes(x):
             tokens = self._encode(x, grid)

@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import ops
 from ._fused import (
+    SharedModel,
     caster,
     check_matches_model,
     compute_dtype,
@@ -90,7 +91,7 @@ def check_supported(model) -> None:
         _gelu_mode(f"{where}.mlp", mlp[1])
 
 
-class TorchvisionViT(nn.Module):
+class TorchvisionViT(SharedModel):
     """A torchvision VisionTransformer's modules and parameters (shared, same names) with a fused forward.
 
     ``last_backend`` says which path the last forward took: ``"triton"`` or ``"torch"`` (CPU tensors without
@@ -99,29 +100,12 @@ class TorchvisionViT(nn.Module):
     attention and after each MLP Linear.
     """
 
-    last_backend: str | None = None
-
     def __init__(self, model):
-        super().__init__()
         check_supported(model)
-        # parameters, buffers, then children: the same state_dict key order as torchvision's
-        for name, param in model.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        for name, buf in model.named_buffers(recurse=False):
-            self.register_buffer(name, buf)
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        object.__setattr__(self, "tv_model", model)  # not a child: kept for its train/eval flag
+        super().__init__(model)
         self.image_size, self.patch_size = model.image_size, model.patch_size
         self._activations = [_gelu_mode(f"encoder.layers.{i}.mlp", blk.mlp[1])
                              for i, blk in enumerate(model.encoder.layers)]
-        self.train(model.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if "tv_model" in self.__dict__:
-            self.tv_model.training = mode  # the children are shared; keep the original's own flag in step
-        return self
 
     def _check_image(self, x: torch.Tensor) -> None:
         conv = self.conv_proj

@@ -60,6 +60,28 @@ def allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK: tl.constexpr):
     return ok
 
 
+@triton.jit
+def query_tile(qkv_ptr, mask_ptr, N, H, E, stride_b, stride_n, stride_mb, stride_mh, stride_mq, D: tl.constexpr,
+               INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch x head, query tile) on a 1-D grid, query tiles of one (batch, head) adjacent (no
+    grid-axis limit, K/V stay hot in L2). Returns bh, the query rows and their in-range flags, the loaded Q
+    tile, the K and V bases with the feature offsets and mask, and each query row's mask pointer."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    bh = pid // n_tiles
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q_base, k_base, v_base, d_off = qkv_bases(qkv_ptr, b, h, E, stride_b, offs_d, D, INTERLEAVED)
+    row_ok = offs_m < N
+    q = tl.load(q_base + offs_m[:, None] * stride_n + d_off[None, :], mask=row_ok[:, None] & d_mask[None, :],
+                other=0.0)
+    mask_rows = mask_ptr + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mq
+    return bh, b, h, offs_m, row_ok, q, k_base, v_base, d_off, d_mask, mask_rows
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, N, H, E, qk_scale, out_scale,
                           seed, dropout_p, keep_scale,
@@ -67,25 +89,14 @@ def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, N, H, E, qk_scale
                           D: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                           STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # 1-D grid, query tiles of one (batch, head) adjacent: no grid-axis limit, K/V stay hot in L2.
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_M)
-    bh = pid // n_tiles
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m, row_ok, q, k_base, v_base, d_off, d_mask, mask_rows = query_tile(
+        qkv_ptr, mask_ptr, N, H, E, stride_b, stride_n, stride_mb, stride_mh, stride_mq, D, INTERLEAVED, BLOCK_M,
+        BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    q_base, k_base, v_base, d_off = qkv_bases(qkv_ptr, b, h, E, stride_b, offs_d, D, INTERLEAVED)
-
-    row_ok = offs_m < N
-    q = tl.load(q_base + offs_m[:, None] * stride_n + d_off[None, :], mask=row_ok[:, None] & d_mask[None, :],
-                other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    mask_rows = mask_ptr + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mq
 
     for start in range(0, N, BLOCK_N):
         cols = start + offs_n

@@ -21,7 +21,7 @@ from .attention import (
     check_attention,
     contiguous_key_mask,
     mask_strides,
-    qkv_bases,
+    query_tile,
     scales,
 )
 
@@ -41,20 +41,10 @@ def _attention_probs_kernel(qkv_ptr, mask_ptr, p_ptr, N, H, E, qk_scale, stride_
                             stride_mh, stride_mq, D: tl.constexpr, INTERLEAVED: tl.constexpr,
                             HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_M)
-    bh = pid // n_tiles
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, _, _, offs_m, row_ok, q, k_base, _, d_off, d_mask, mask_rows = query_tile(
+        qkv_ptr, mask_ptr, N, H, E, stride_b, stride_n, stride_mb, stride_mh, stride_mq, D, INTERLEAVED, BLOCK_M,
+        BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    q_base, k_base, _, d_off = qkv_bases(qkv_ptr, b, h, E, stride_b, offs_d, D, INTERLEAVED)
-    row_ok = offs_m < N
-    q = tl.load(q_base + offs_m[:, None] * stride_n + d_off[None, :], mask=row_ok[:, None] & d_mask[None, :],
-                other=0.0)
-    mask_rows = mask_ptr + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mq
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
