@@ -290,7 +290,7 @@ def test_attention_maps_wraps_an_original_model_and_refuses_the_reference_path(i
     with torch.no_grad():
         _, maps = vit_kernels.attention_maps(model, images)
     assert len(maps) == 2 and maps[0].shape == (2, 3, 17, 17)
-    fast = vit_kernels.accelerate(timm_model(drop_path_rate=0.1)).train()
+    fast = vit_kernels.accelerate(timm_model(patch_drop_rate=0.25)).train()
     with warnings.catch_warnings(), pytest.raises(RuntimeError, match="fused blocks"):
         warnings.simplefilter("ignore")
         vit_kernels.attention_maps(fast, images)
@@ -335,8 +335,27 @@ def test_train_mode_dropout_runs_in_the_kernels(framework, kw, rates, images, mo
     assert seen == [(0.0, 0.0, 0.0, 0.0)] * 2
 
 
-def test_timm_stochastic_depth_runs_timm_forward(images):
-    model = timm_model(drop_path_rate=0.1)
+def test_timm_stochastic_depth_in_the_kernels_equals_timm(images):
+    """DropPath's per-sample factors are drawn from torch's generator in timm's order, so with the same seed the
+    fused forward (proj / fc2 epilogues) equals timm's own, and so do the gradients."""
+    model = timm_model(drop_path_rate=0.5)
+    fast = vit_kernels.accelerate(model).train()
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(7)
+    got = fast(x)
+    assert fast.last_backend == "triton"
+    torch.manual_seed(7)
+    expected = model(x)
+    torch.testing.assert_close(got, expected, **TOL)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = torch.autograd.grad(got.square().mean(), params)
+    theirs = torch.autograd.grad(expected.square().mean(), params)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_timm_patch_dropout_runs_timm_forward(images):
+    model = timm_model(patch_drop_rate=0.25)
     fast = vit_kernels.accelerate(model).train()
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")

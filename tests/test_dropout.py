@@ -194,3 +194,32 @@ def test_low_precision_dropout_within_twice_pytorch_error(dtype, device):
         return torch.where(kept, linear_torch(*t, "gelu") / (1 - p), 0.0).to(t[0].dtype)
 
     assert_matches(got, formula(x, w, b), formula(x.double(), w.double(), b.double()))
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_linear_branch_scale_is_per_sample_stochastic_depth(with_scale, device):
+    B, T, K, N = 3, 7, 24, 20
+    x = randn(B, T, K, device=device).requires_grad_()
+    w, b = randn(N, K, device=device, scale=0.2).requires_grad_(), randn(N, device=device).requires_grad_()
+    s = (randn(N, device=device) + 2.0).requires_grad_() if with_scale else None
+    r = randn(B, T, N, device=device).requires_grad_()
+    factors = torch.tensor([2.0, 0.0, 2.0], device=device)  # drop_prob 0.5: sample 1 dropped
+    got = ops.linear(x, w, b, None, s, r, branch_scale=factors)
+    expected = r + factors[:, None, None] * linear_torch(x, w, b, None, s)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], r[1])  # a dropped sample is the residual alone
+    g = randn(B, T, N, device=device)
+    inputs = [t for t in (x, w, b, s, r) if t is not None]
+    for got_grad, want in zip(torch.autograd.grad((got * g).sum(), inputs),
+                              torch.autograd.grad((expected * g).sum(), inputs)):
+        torch.testing.assert_close(got_grad, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("factors,error,match", [
+    (torch.ones(3, dtype=torch.float16), TypeError, "float32"),
+    (torch.ones(4), ValueError, "one per sample"),
+    ([1.0, 1.0, 1.0], TypeError, "float32"),
+])
+def test_linear_branch_scale_bad_input(factors, error, match):
+    with pytest.raises(error, match=match):
+        ops.linear(torch.randn(3, 5, 8), torch.randn(6, 8), branch_scale=factors)

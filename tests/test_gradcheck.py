@@ -74,6 +74,13 @@ def test_linear(activation, deinterleave, dropout, device):
               r(24, device=device), r(5, 24, device=device))
 
 
+def test_linear_with_stochastic_depth(device):
+    factors = torch.tensor([0.0, 1.6, 1.6], device=device)
+    gradcheck(lambda x, w, s, res: linear_op(x, w, None, "gelu", s, res, 1, 0.0, None, factors),
+              r(6, 16, device=device), r(24, 16, device=device, scale=0.3), r(24, device=device),
+              r(6, 24, device=device))
+
+
 def test_patch_embed(device):
     gradcheck(lambda img, w, b, prefix, pos: patch_embed_op(img, w, b, prefix, pos, True),
               r(1, 2, 8, 16, device=device), r(4, 2, 8, 8, device=device, scale=0.2), r(4, device=device),

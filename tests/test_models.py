@@ -274,12 +274,13 @@ def test_from_timm_rejects_other_models_and_bad_images():
         fast(torch.randn(2, 1, 32, 32))
 
 
-def test_from_timm_stochastic_depth_uses_timm_forward_and_dropout_the_kernels():
-    fast = vit_kernels.from_timm(timm_model(drop_rate=0.1, drop_path_rate=0.1)).train()
+def test_from_timm_patch_dropout_uses_timm_forward_and_dropout_the_kernels():
+    fast = vit_kernels.from_timm(timm_model(drop_rate=0.1, patch_drop_rate=0.25)).train()
     with pytest.warns(UserWarning, match="do not fuse"):
         vit_kernels.models._fused._warned.clear()
         fast(torch.randn(2, 3, 32, 32))
     assert fast.last_backend == "reference"
-    fast = vit_kernels.from_timm(timm_model(drop_rate=0.1, attn_drop_rate=0.1, proj_drop_rate=0.1)).train()
+    fast = vit_kernels.from_timm(timm_model(drop_rate=0.1, attn_drop_rate=0.1, proj_drop_rate=0.1,
+                                            drop_path_rate=0.1)).train()
     fast(torch.randn(2, 3, 32, 32))
     assert fast.last_backend == "triton"

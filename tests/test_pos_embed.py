@@ -216,10 +216,10 @@ def test_from_timm_opt_in_on_a_fixed_size_model():
 
 
 def test_timm_opt_in_reference_path_matches_timm():
-    """Train mode with dropout the kernels leave to PyTorch (stochastic depth): an opted-in fixed-size model
+    """Train mode with dropout the kernels leave to PyTorch (patch dropout): an opted-in fixed-size model
     at another size runs timm's modules with the resampled table, as a dynamic timm model does."""
-    model = timm_model(drop_path_rate=0.2)
-    dynamic = timm_model(dynamic_img_size=True, drop_path_rate=0.2)
+    model = timm_model(patch_drop_rate=0.25)
+    dynamic = timm_model(dynamic_img_size=True, patch_drop_rate=0.25)
     dynamic.load_state_dict(model.state_dict())
     fast = vit_kernels.from_timm(model, dynamic_img_size=True).train()
     dynamic.train()

@@ -41,10 +41,12 @@ def op_samples(device):
         (linear_op, (r(9, 20), r(30, 20), r(30), None, r(30), r(9, 30), 1, 0.25, new_seed())),
         (attention_op, (r(2, 9, 3 * 2 * 16), mask, 2, "h d qkv", "seed", 0.3, new_seed())),
         (dropout_op, (r(6, 40), new_seed(), 0.4)),
+        (linear_op, (r(9, 20), r(30, 20), r(30), None, r(30), r(9, 30), 1, 0.0, None,
+                     torch.tensor([0.0, 1.5, 1.5], device=device))),
     ]
 
 
-@pytest.mark.parametrize("index", range(15))
+@pytest.mark.parametrize("index", range(16))
 def test_opcheck(index, device):
     op, args = op_samples(device)[index]
     torch.library.opcheck(op, args)

@@ -19,7 +19,7 @@ ARCHS = {90: 232448, 80: 166912}  # compute capability -> max dynamic shared mem
 DTYPES = ("fp16", "bf16")
 FLOAT_ARGS = {"eps", "qk_scale", "out_scale", "score_scale", "dropout_p", "keep_scale", "p"}
 POINTER_TYPES = {"mask_ptr": "*i1", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-                 "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32"}
+                 "dw_part_ptr": "*fp32", "branch_ptr": "*fp32", "db_part_ptr": "*fp32"}
 # int arguments that are multiples of 16 in real ViT runs (Triton specializes those the same way)
 ALIGNED_INTS = {"stride_am", "stride_wn", "stride_rm", "stride_om", "stride_xm", "stride_ym", "stride_b",
                 "stride_n", "stride_ob", "stride_on", "stride_yb", "K", "E"}
@@ -39,15 +39,14 @@ def _cases():
                 label = f"{name}[{' '.join(f'{k}={v}' for k, v in {**cfg.kwargs, **variant}.items())}]"
                 yield label, t.kernel, {**cfg.kwargs, **variant}, cfg.num_warps, cfg.num_stages
 
+    plain = dict(HAS_BIAS=True, ACTIVATION=None, DROPOUT=False, HAS_SCALE=False, HAS_BRANCH_SCALE=False,
+                 HAS_RESIDUAL=False, DEINTERLEAVE=1, DOT_PRECISION="tf32")
     yield from tuned("linear", linear.LINEAR, [
-        dict(HAS_BIAS=True, ACTIVATION=None, DROPOUT=drop, HAS_SCALE=True, HAS_RESIDUAL=True, DEINTERLEAVE=1,
-             DOT_PRECISION="tf32") for drop in (False, True)] + [
-        dict(HAS_BIAS=True, ACTIVATION=act, DROPOUT=drop, HAS_SCALE=False, HAS_RESIDUAL=False, DEINTERLEAVE=1,
-             DOT_PRECISION="tf32") for act in ("gelu", "gelu_tanh") for drop in (False, True)] + [
-        dict(HAS_BIAS=True, ACTIVATION=None, DROPOUT=False, HAS_SCALE=False, HAS_RESIDUAL=False, DEINTERLEAVE=3,
-             DOT_PRECISION="tf32"),
-        dict(HAS_BIAS=False, ACTIVATION=None, DROPOUT=False, HAS_SCALE=False, HAS_RESIDUAL=False, DEINTERLEAVE=1,
-             DOT_PRECISION="tf32")])
+        # proj / fc2: layer scale + residual, with dropout and stochastic depth on or off
+        {**plain, "DROPOUT": drop, "HAS_SCALE": True, "HAS_BRANCH_SCALE": branch, "HAS_RESIDUAL": True}
+        for drop in (False, True) for branch in (False, True)] + [
+        {**plain, "ACTIVATION": act, "DROPOUT": drop} for act in ("gelu", "gelu_tanh") for drop in (False, True)] + [
+        {**plain, "DEINTERLEAVE": 3}, {**plain, "HAS_BIAS": False}])
     # dropout variants at head_dim 64, both layouts
     yield from tuned("attention", attention.ATTENTION, [
         dict(HAS_MASK=mask, D=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), INTERLEAVED=inter,

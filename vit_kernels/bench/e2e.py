@@ -7,7 +7,8 @@ from .models import CONFIGS, build_candidates, gflop_per_image
 from .timing import cuda_graph_ms, device_info, measured_peaks, on_gpu, time_ms
 
 HEADLINE_KEYS = ("gpu", "bs256_img_s", "bs256_vs_timm_eager", "bs256_vs_compile_max_autotune", "bs256_mfu",
-                 "bs1_latency_ms", "bs1_vs_timm_eager", "train_bs128_vs_compile")
+                 "bs1_latency_ms", "bs1_vs_timm_eager", "train_bs128_vs_compile", "train_bs128_vs_timm_eager",
+                 "train_bs128_peak_vs_timm_eager")  # the train_* keys come from `bench --train` (bench/train.py)
 OURS, TIMM = "ours (from_timm)", "timm eager (SDPA)"
 
 

@@ -72,6 +72,19 @@ def drop_rate(module: nn.Module | None, training: bool) -> float:
     return float(module.p) if training and module is not None else 0.0
 
 
+def drop_path_factors(module: nn.Module | None, batch: int, training: bool, device) -> torch.Tensor | None:
+    """timm's DropPath as per-sample factors: fp32 [B] of 0 or 1 / keep (or 1 without ``scale_by_keep``),
+    drawn from PyTorch's generator like timm's own ``bernoulli_``; None when nothing is dropped."""
+    p = float(getattr(module, "drop_prob", 0.0) or 0.0) if training and module is not None else 0.0
+    if not p:
+        return None
+    keep = 1.0 - p
+    factors = torch.empty(batch, device=device, dtype=torch.float32).bernoulli_(keep)
+    if keep > 0.0 and getattr(module, "scale_by_keep", True):
+        factors.div_(keep)
+    return factors
+
+
 def _rate(module: nn.Module) -> float:
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return module.p
@@ -117,20 +130,24 @@ def recording_attention_maps():
 
 def encoder_block(x, norm1, qkv, proj, norm2, fc1, fc2, cast, *, num_heads, qkv_interleaved, scaling, mask=None,
                   activation="gelu", gamma1=None, gamma2=None, attn_drop=0.0, proj_drop=0.0, hidden_drop=0.0,
-                  out_drop=0.0):
+                  out_drop=0.0, drop_path1=None, drop_path2=None):
     """One pre-norm block, seven launches: LN1, qkv GEMM, attention, proj GEMM (+residual), LN2,
     fc1 GEMM (+GELU), fc2 GEMM (+residual). x: [B, N, E] in the compute dtype.
 
     qkv_interleaved: the qkv weight rows are in the tutorial's (h d qkv) order; the GEMM then writes them
     in (qkv h d) order, so attention always reads contiguous head dims.
     Dropout rates (0 in eval): attn_drop on the attention probabilities, proj_drop on the projection before
-    its layer scale and residual, hidden_drop after the MLP's GELU, out_drop on fc2 before its residual."""
+    its layer scale and residual, hidden_drop after the MLP's GELU, out_drop on fc2 before its residual.
+    drop_path1/2: stochastic depth, fp32 per-sample factors [B] on the attention / MLP branch (see
+    ``drop_path_factors``), applied in the proj / fc2 epilogues before the residual add."""
     h = ops.layer_norm(x, cast(norm1.weight), cast(norm1.bias), norm1.eps)
     h = ops.linear(h, cast(qkv.weight), cast(qkv.bias), deinterleave=3 if qkv_interleaved else 1)
     if _attention_maps is not None:
         _attention_maps.append(ops.attention_probabilities(h, num_heads, "qkv h d", scaling, mask))
     h = ops.attention(h, num_heads, layout="qkv h d", scaling=scaling, mask=mask, dropout=attn_drop)
-    x = ops.linear(h, cast(proj.weight), cast(proj.bias), scale=cast(gamma1), residual=x, dropout=proj_drop)
+    x = ops.linear(h, cast(proj.weight), cast(proj.bias), scale=cast(gamma1), residual=x, dropout=proj_drop,
+                   branch_scale=drop_path1)
     h = ops.layer_norm(x, cast(norm2.weight), cast(norm2.bias), norm2.eps)
     h = ops.linear(h, cast(fc1.weight), cast(fc1.bias), activation=activation, dropout=hidden_drop)
-    return ops.linear(h, cast(fc2.weight), cast(fc2.bias), scale=cast(gamma2), residual=x, dropout=out_drop)
+    return ops.linear(h, cast(fc2.weight), cast(fc2.bias), scale=cast(gamma2), residual=x, dropout=out_drop,
+                      branch_scale=drop_path2)

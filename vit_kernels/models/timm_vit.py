@@ -18,6 +18,7 @@ from ._fused import (
     caster,
     check_matches_model,
     compute_dtype,
+    drop_path_factors,
     drop_rate,
     encoder_block,
     explicit_dtypes,
@@ -119,7 +120,7 @@ class TimmViT(SharedModel):
 
     def __init__(self, model, dynamic_img_size: bool | None = None):
         check_supported(model)
-        super().__init__(model)  # self.original: timm's own forward, the path for stochastic depth
+        super().__init__(model)  # self.original: timm's own forward, the path for patch dropout
         self.num_prefix_tokens = model.num_prefix_tokens
         self.pos_on_prefix = not model.no_embed_class
         self.pool = POOLS[model.global_pool]
@@ -132,10 +133,11 @@ class TimmViT(SharedModel):
         # timm resamples the grid rows only; with no_embed_class the table has no prefix rows
         self._pos_prefix = self.num_prefix_tokens if self.pos_on_prefix else 0
         self._pos_cache = PositionCache()
-        # dropouts the kernels apply (train mode); drop_path / patch_drop send a forward to timm's own
+        # dropouts the kernels apply (train mode, stochastic depth included); patch_drop runs timm's forward
         fused = [getattr(model, "pos_drop", None), getattr(model, "head_drop", None)]
         for blk in model.blocks:
-            fused += [blk.attn.attn_drop, blk.attn.proj_drop, blk.mlp.drop1, blk.mlp.drop2]
+            fused += [blk.attn.attn_drop, blk.attn.proj_drop, blk.mlp.drop1, blk.mlp.drop2, blk.drop_path1,
+                      blk.drop_path2]
         self._fused_dropout = {id(m) for m in fused if m is not None}
 
     def _check_image(self, x: torch.Tensor) -> tuple[int, int]:
@@ -162,8 +164,8 @@ class TimmViT(SharedModel):
         return self._pos_cache.get(pos[0], self.patch_embed.grid_size, grid, self._pos_prefix)
 
     def _prepare(self, x: torch.Tensor) -> tuple[tuple[int, int], bool]:
-        """Checks x; its patch grid, and True (with a one-time warning) when train mode has stochastic depth
-        or patch dropout, which need timm's own forward (the other dropouts run inside the kernels)."""
+        """Checks x; its patch grid, and True (with a one-time warning) when train mode has patch dropout, which
+        needs timm's own forward (every other dropout and stochastic depth run inside the kernels)."""
         grid = self._check_image(x)
         check_matches_model(self, x)
         dropping = unfused_dropout(self, self._fused_dropout)
@@ -179,7 +181,7 @@ class TimmViT(SharedModel):
         return getattr(self.original, "dynamic_img_size", False) or grid == tuple(self.patch_embed.grid_size)
 
     def _timm_features(self, x: torch.Tensor, grid) -> torch.Tensor:
-        """timm's forward_features in PyTorch (stochastic depth): timm's own when it takes this size, else
+        """timm's forward_features in PyTorch (patch dropout): timm's own when it takes this size, else
         timm's modules with the resampled position table (an opted-in model at another size)."""
         m = self.original
         if self._timm_takes(grid):
@@ -207,7 +209,7 @@ class TimmViT(SharedModel):
                             self.pos_on_prefix)
         x = ops.dropout(x, drop_rate(getattr(self, "pos_drop", None), self.training))
         x = _layer_norm(self.norm_pre, x)
-        training = self.training
+        training, batch = self.training, x.shape[0]
         for blk, activation in zip(self.blocks, self._activations):
             attn, mlp = blk.attn, blk.mlp
             x = encoder_block(x, blk.norm1, attn.qkv, attn.proj, blk.norm2, mlp.fc1, mlp.fc2, cast,
@@ -215,7 +217,9 @@ class TimmViT(SharedModel):
                               activation=activation, gamma1=getattr(blk.ls1, "gamma", None),
                               gamma2=getattr(blk.ls2, "gamma", None), attn_drop=drop_rate(attn.attn_drop, training),
                               proj_drop=drop_rate(attn.proj_drop, training), hidden_drop=drop_rate(mlp.drop1, training),
-                              out_drop=drop_rate(mlp.drop2, training))
+                              out_drop=drop_rate(mlp.drop2, training),
+                              drop_path1=drop_path_factors(blk.drop_path1, batch, training, x.device),
+                              drop_path2=drop_path_factors(blk.drop_path2, batch, training, x.device))
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

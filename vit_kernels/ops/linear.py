@@ -51,10 +51,10 @@ def weight_row(n, N, DEINTERLEAVE: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-              seed, dropout_p, keep_scale, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-              DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-              DEINTERLEAVE: tl.constexpr):
+def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+              seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+              DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BRANCH_SCALE: tl.constexpr,
+              HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr):
     n_mask = offs_n < N
     if HAS_BIAS:
         bias_idx = weight_row(offs_n % N, N, DEINTERLEAVE)
@@ -67,6 +67,8 @@ def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, res_ptr, out_ptr, 
         acc = apply_dropout(acc, seed, offs_m, offs_n, 0, dropout_p, keep_scale)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BRANCH_SCALE:  # stochastic depth: one factor per sample (0 or 1 / keep) over its rows
+        acc *= tl.load(branch_ptr + offs_m // rows_per_sample, mask=offs_m < M, other=0.0).to(tl.float32)[:, None]
     rows = offs_m.to(tl.int64)[:, None]
     mask = (offs_m[:, None] < M) & n_mask[None, :]
     if HAS_RESIDUAL:
@@ -75,10 +77,11 @@ def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, res_ptr, out_ptr, 
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _linear_kernel(a_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, M, N, K,
-                   stride_am, stride_wn, stride_rm, stride_om, seed, dropout_p, keep_scale,
+def _linear_kernel(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, M, N, K,
+                   stride_am, stride_wn, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample,
                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                   HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    SPLIT_EPILOGUE: tl.constexpr):
     # Grouped ordering: GROUP_M row-tiles share their W column-tiles while those sit in L2.
@@ -113,14 +116,25 @@ def _linear_kernel(a_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, M, N, K,
         # two column halves, one after the other: half the epilogue registers, so wide tiles do not spill
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         offs_half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-        _epilogue(left, offs_m, offs_half, M, N, bias_ptr, scale_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-                  seed, dropout_p, keep_scale, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
-        _epilogue(right, offs_m, offs_half + BLOCK_N // 2, M, N, bias_ptr, scale_ptr, res_ptr, out_ptr, stride_rm,
-                  stride_om, seed, dropout_p, keep_scale, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_RESIDUAL,
-                  DEINTERLEAVE)
+        _epilogue(left, offs_m, offs_half, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm,
+                  stride_om, seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE,
+                  HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
+        _epilogue(right, offs_m, offs_half + BLOCK_N // 2, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr,
+                  stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT,
+                  HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
     else:
-        _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-                  seed, dropout_p, keep_scale, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
+        _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+                  seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE,
+                  HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
+
+
+def training_epilogue_fits(meta: dict, flags: dict) -> bool:
+    """Tiles that compile spill-free with the training-only epilogues (compile check, sm_80/sm_90): Philox
+    dropout (10 rounds per element) spills every tile above 64x64; the stochastic-depth row factor spills
+    the 128x256 tile on sm_80."""
+    if flags.get("DROPOUT"):
+        return (meta["BLOCK_M"], meta["BLOCK_N"]) == (64, 64)
+    return not (flags.get("HAS_BRANCH_SCALE") and meta["BLOCK_N"] > 128)
 
 
 LINEAR = Tuned(
@@ -136,10 +150,8 @@ LINEAR = Tuned(
         config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
         config(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
     ],
-    key=["M", "N", "K", "HAS_RESIDUAL", "ACTIVATION", "DROPOUT"],
-    # Philox in the epilogue (10 rounds per element) spills every larger tile (compile check, sm_80/sm_90):
-    # dropout GEMMs, a training-only path, run 64x64 tiles
-    keep=lambda meta, flags: not flags.get("DROPOUT") or (meta["BLOCK_M"], meta["BLOCK_N"]) == (64, 64),
+    key=["M", "N", "K", "HAS_RESIDUAL", "ACTIVATION", "DROPOUT", "HAS_BRANCH_SCALE"],
+    keep=lambda meta, flags: training_epilogue_fits(meta, flags),
     interpret_config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_EPILOGUE=True),
 )
 
@@ -166,9 +178,10 @@ def _check(x, weight, bias, activation, scale, residual, deinterleave):
 
 
 def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1, dropout=0.0,
-                  seed=None, config=None):
+                  seed=None, branch_scale=None, config=None):
     """Launch the fused GEMM on 2-D ``x`` [M, K] and ``weight`` [N, K]; returns [M, N] in x's dtype.
-    ``dropout`` > 0 needs ``seed`` (a ``new_seed()`` tensor). ``config`` (a triton.Config) bypasses
+    ``dropout`` > 0 needs ``seed`` (a ``new_seed()`` tensor); ``branch_scale`` is an fp32 [S] vector, S
+    dividing M, row m scaled by branch_scale[m // (M / S)]. ``config`` (a triton.Config) bypasses
     autotuning: tests and the config sweep use it."""
     x, weight = row_major(x), row_major(weight)
     residual = None if residual is None else row_major(residual)
@@ -181,11 +194,13 @@ def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=No
     LINEAR.launch(
         "linear", config, lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),
         x, weight, dummy if bias is None else bias, dummy if scale is None else scale,
-        dummy if residual is None else residual, out, M, N, K,
+        dummy if branch_scale is None else branch_scale, dummy if residual is None else residual, out, M, N, K,
         x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
         int(seed.item()) if dropout else 0, float(dropout), keep_scale(dropout),
+        1 if branch_scale is None else M // branch_scale.shape[0],
         HAS_BIAS=bias is not None, ACTIVATION=activation, DROPOUT=dropout > 0, HAS_SCALE=scale is not None,
-        HAS_RESIDUAL=residual is not None, DEINTERLEAVE=deinterleave, DOT_PRECISION=dot_precision(x.dtype))
+        HAS_BRANCH_SCALE=branch_scale is not None, HAS_RESIDUAL=residual is not None, DEINTERLEAVE=deinterleave,
+        DOT_PRECISION=dot_precision(x.dtype))
     return out
 
 
@@ -199,11 +214,13 @@ def gelu_derivative(pre: torch.Tensor, activation: str) -> torch.Tensor:
     return 0.5 * (1 + torch.erf(x * 0.7071067811865476)) + x * torch.exp(-0.5 * x * x) * 0.3989422804014327
 
 
-def linear_backward(dy, x, weight, bias, activation, scale, deinterleave, dropout, seed, needs):
+def linear_backward(dy, x, weight, bias, activation, scale, deinterleave, dropout, seed, branch_scale, needs):
     """(dx, dweight, dbias, dscale). The GEMMs are cuBLAS through torch.mm (allowed for the plain GEMMs of
     backward); the pre-activation is recomputed with our kernel only when GELU or scale needs it, and the
     dropout mask is regenerated from the seed by the dropout kernel."""
     dy32 = dy.float()
+    if branch_scale is not None:  # each sample's rows carry its stochastic-depth factor
+        dy32 = (dy32.view(branch_scale.shape[0], -1, dy32.shape[1]) * branch_scale[:, None, None]).view(dy32.shape)
     need_pre = activation is not None or (scale is not None and needs[4])
     pre = linear_op(x, weight, bias, None, None, None, deinterleave).float() if need_pre else None
     dscale = None
@@ -230,35 +247,37 @@ def linear_backward(dy, x, weight, bias, activation, scale, deinterleave, dropou
 @torch.library.custom_op("vit_kernels::linear", mutates_args=())
 def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: Optional[str],
               scale: Optional[torch.Tensor], residual: Optional[torch.Tensor], deinterleave: int,
-              dropout: float = 0.0, seed: Optional[torch.Tensor] = None) -> torch.Tensor:
+              dropout: float = 0.0, seed: Optional[torch.Tensor] = None,
+              branch_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fused GEMM on 2-D x as a torch.library op (torch.compile sees through it)."""
-    return linear_launch(x, weight, bias, activation, scale, residual, deinterleave, dropout, seed)
+    return linear_launch(x, weight, bias, activation, scale, residual, deinterleave, dropout, seed, branch_scale)
 
 
 @linear_op.register_fake
-def _(x, weight, bias, activation, scale, residual, deinterleave, dropout=0.0, seed=None):
+def _(x, weight, bias, activation, scale, residual, deinterleave, dropout=0.0, seed=None, branch_scale=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _linear_setup(ctx, inputs, output):
-    x, weight, bias, activation, scale, residual, deinterleave, dropout, seed = inputs
-    ctx.save_for_backward(x, weight, bias, scale, seed)
+    x, weight, bias, activation, scale, residual, deinterleave, dropout, seed, branch_scale = inputs
+    ctx.save_for_backward(x, weight, bias, scale, seed, branch_scale)
     ctx.activation, ctx.deinterleave, ctx.has_residual, ctx.dropout = (activation, deinterleave,
                                                                        residual is not None, dropout)
 
 
 def _linear_grad(ctx, dy):
-    x, weight, bias, scale, seed = ctx.saved_tensors
+    x, weight, bias, scale, seed, branch_scale = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dx, dw, db, dscale = linear_backward(dy, x, weight, bias, ctx.activation, scale, ctx.deinterleave,
-                                         ctx.dropout, seed, needs)
-    return dx, dw, db, None, dscale, (dy if ctx.has_residual and needs[5] else None), None, None, None
+                                         ctx.dropout, seed, branch_scale, needs)
+    return dx, dw, db, None, dscale, (dy if ctx.has_residual and needs[5] else None), None, None, None, None
 
 
 linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
-def linear_torch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1, dropout=0.0):
+def linear_torch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1, dropout=0.0,
+                 branch_scale=None):
     """The PyTorch fallback, same semantics (its dropout masks come from torch's RNG, not Philox)."""
     y = F.linear(x, weight, bias)
     if deinterleave > 1:
@@ -269,18 +288,22 @@ def linear_torch(x, weight, bias=None, activation=None, scale=None, residual=Non
         y = F.dropout(y, dropout)
     if scale is not None:
         y = y * scale
+    if branch_scale is not None:
+        y = (y.reshape(branch_scale.shape[0], -1, y.shape[-1]) * branch_scale[:, None, None].to(y.dtype)).view(y.shape)
     return y if residual is None else residual + y
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
            scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-           deinterleave: int = 1, dropout: float = 0.0) -> torch.Tensor:
+           deinterleave: int = 1, dropout: float = 0.0, branch_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``residual + scale * dropout(activation(x @ weight.T + bias))`` over the last axis of ``x`` (any
     leading dims).
 
     activation: None, ``"gelu"`` (exact erf) or ``"gelu_tanh"``; dropout: the probability of zeroing an
     element (survivors scaled by 1 / (1 - p), as nn.Dropout; 0 compiles it out); scale is a per-output-feature
-    vector; residual has the output's shape. All tensors share x's dtype and device.
+    vector; residual has the output's shape. All tensors share x's dtype and device, except branch_scale: a
+    float32 [B] vector for x of shape [B, ...], multiplying each sample's rows after ``scale`` and before the
+    residual (timm's stochastic depth: 0 or 1 / keep_prob per sample; not differentiated).
     deinterleave=G reads the weight rows (and bias) as interleaved groups, row j*G+g, and writes them grouped,
     column g*(N/G)+j: with G=3 the tutorial's "(h d qkv)" qkv weights give a "(qkv h d)" output, whose head
     dims are contiguous for attention. The scale and residual apply in output order.
@@ -296,9 +319,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         res2 = residual.reshape(-1, residual.shape[-1]) if residual.shape[:-1] == lead else residual
     _check(x2, weight, bias, activation, scale, res2, deinterleave)
     check_probability("dropout", dropout)
+    check_branch_scale(branch_scale, x)
     if not use_kernels(x):
-        return linear_torch(x, weight, bias, activation, scale, residual, deinterleave, dropout)
+        return linear_torch(x, weight, bias, activation, scale, residual, deinterleave, dropout, branch_scale)
     op = linear_launch if dispatcher_free(x2, weight, bias, scale, res2) else linear_op
     seed = new_seed() if dropout else None
-    return op(x2, weight, bias, activation, scale, res2, deinterleave, float(dropout), seed).view(
+    return op(x2, weight, bias, activation, scale, res2, deinterleave, float(dropout), seed, branch_scale).view(
         *lead, weight.shape[0])
+
+
+def check_branch_scale(branch_scale, x) -> None:
+    if branch_scale is None:
+        return
+    if not isinstance(branch_scale, torch.Tensor) or branch_scale.dtype != torch.float32 or branch_scale.dim() != 1:
+        what = branch_scale.dtype if isinstance(branch_scale, torch.Tensor) else type(branch_scale).__name__
+        raise TypeError(f"branch_scale must be a 1-D float32 tensor, got {what}")
+    if x.dim() < 3 or branch_scale.shape[0] != x.shape[0]:
+        raise ValueError(f"branch_scale has {branch_scale.shape[0]} elements; it needs one per sample of x [B, N, K], "
+                         f"got x of shape {tuple(x.shape)}")
+    check_device("branch_scale", branch_scale, x.device)
