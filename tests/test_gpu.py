@@ -143,3 +143,78 @@ def test_attention_and_patch_embed_past_2_to_31_elements():
     tail = slice(images - 4, images)
     expected = patch_embed_torch(img[tail].float(), weight.float(), None, cls.float(), pos.float(), True)
     torch.testing.assert_close(tokens[tail].float(), expected, rtol=3e-2, atol=3e-2)
+
+
+# --- the training-only and visualization kernels at ViT-B/16 sizes ------------------------------------------------
+@pytest.mark.parametrize("dtype", LOWP)
+def test_attention_dropout_real_size(dtype):
+    """N = 197 with head_dim 256 lets one-hot value rows recover the kernel's mask (in fp32); then the 16-bit
+    kernel, same seed, must match the formula under that mask by the 2x rule; keep rate within 5 sigma."""
+    from test_dropout import assert_keep_rate, attention_keep_mask, attention_under_mask
+
+    B, H, N, D, p = 4, 2, 197, 256, 0.1
+    keep = attention_keep_mask(B, H, N, D, p, 11, "qkv h d", "cuda")
+    assert_keep_rate(keep, p)
+    qkv = randn(B, N, 3 * H * D, device="cuda", dtype=dtype)
+    torch.manual_seed(11)
+    got = ops.attention(qkv, H, "qkv h d", "paper", dropout=p)
+    assert_matches(got, attention_under_mask(qkv, H, "qkv h d", "paper", None, keep, p),
+                   attention_under_mask(qkv.double(), H, "qkv h d", "paper", None, keep, p))
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("width,out", [(768, 3072), (3072, 768)])  # fc1 (GELU + dropout), fc2 (+ residual)
+def test_linear_dropout_and_stochastic_depth_real_size(width, out, dtype):
+    from vit_kernels.ops.linear import linear_torch
+
+    B, T, p = 8, 197, 0.1
+    x, w, b = randn(B, T, width, device="cuda", dtype=dtype), randn(out, width, device="cuda", dtype=dtype,
+                                                                    scale=width ** -0.5), randn(out, device="cuda",
+                                                                                               dtype=dtype)
+    act, res = ("gelu", None) if out > width else (None, randn(B, T, out, device="cuda", dtype=dtype))
+    factors = torch.tensor([1.25, 0.0] * 4, device="cuda")
+    torch.manual_seed(5)
+    kept = ops.linear(x.float(), w.float(), b.float(), act, dropout=p) != 0
+    torch.manual_seed(5)
+    got = ops.linear(x, w, b, act, residual=res, dropout=p, branch_scale=factors)
+
+    def formula(*t):
+        y = torch.where(kept, linear_torch(*t[:3], act) / (1 - p), 0.0) * factors[:, None, None].to(t[0].dtype)
+        return (y if t[3] is None else t[3] + y).to(t[0].dtype)
+
+    assert_matches(got, formula(x, w, b, res),
+                   formula(x.double(), w.double(), b.double(), None if res is None else res.double()))
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_attention_probabilities_real_size(dtype):
+    from vit_kernels.ops.attention import attention_torch_probabilities
+
+    qkv = randn(8, 197, 3 * 768, device="cuda", dtype=dtype)
+    mask = torch.rand(8, 1, 197, 197, device="cuda") > 0.2
+    assert_matches(ops.attention_probabilities(qkv, 12, "qkv h d", "paper", mask),
+                   attention_torch_probabilities(qkv, 12, "qkv h d", "paper", mask).to(dtype),
+                   attention_torch_probabilities(qkv.double(), 12, "qkv h d", "paper", mask))
+
+
+def test_vit_b16_training_step_with_dropout_and_stochastic_depth():
+    """One bf16-autocast training step of a timm ViT-B/16 with every dropout and drop_path on the kernels:
+    finite loss and gradients, and reproducible per seed (same masks; cuDNN's conv weight gradient may
+    reduce in another order, hence a tolerance instead of bitwise equality)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, drop_rate=0.1, attn_drop_rate=0.1,
+                              proj_drop_rate=0.1, drop_path_rate=0.1).cuda().train()
+    fast = vit_kernels.from_timm(model)
+    x, y = torch.randn(16, 3, 224, 224, device="cuda"), torch.randint(0, 1000, (16,), device="cuda")
+    grads = []
+    for _ in range(2):
+        fast.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(fast(x), y)
+        loss.backward()
+        assert fast.last_backend == "triton" and torch.isfinite(loss)
+        grads.append([p.grad.clone() for p in fast.parameters()])
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
