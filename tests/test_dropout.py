@@ -223,3 +223,26 @@ def test_linear_branch_scale_is_per_sample_stochastic_depth(with_scale, device):
 def test_linear_branch_scale_bad_input(factors, error, match):
     with pytest.raises(error, match=match):
         ops.linear(torch.randn(3, 5, 8), torch.randn(6, 8), branch_scale=factors)
+
+
+def test_masks_do_not_depend_on_the_tiling(device):
+    """An element's fate depends on (seed, row, column) only: two GEMM tilings give the same output."""
+    import triton
+
+    from vit_kernels.ops.linear import linear_launch
+
+    x, w = randn(70, 40, device=device), randn(100, 40, device=device, scale=0.2)
+    seed = new_seed()
+    outs = [linear_launch(x, w, None, "gelu", dropout=0.4, seed=seed, config=triton.Config(meta, num_warps=4))
+            for meta in (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_EPILOGUE=True),
+                         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=1, SPLIT_EPILOGUE=False))]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_neighbouring_columns_are_independent(device):
+    """Four columns share one Philox call (one word each): their keep decisions must be independent."""
+    torch.manual_seed(2)
+    keep = ops.dropout(randn(512, 256, device=device) + 5.0, 0.5) != 0
+    for k in (1, 2, 3):
+        agree = (keep[:, 0::4] == keep[:, k::4]).float().mean().item()
+        assert abs(agree - 0.5) < 5 * (0.25 / keep[:, 0::4].numel()) ** 0.5, (k, agree)

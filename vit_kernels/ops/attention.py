@@ -222,12 +222,9 @@ def _attention_bwd_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dqkv_pt
 
 def forward_fits(meta: dict, flags: dict) -> bool:
     """Forward tilings that compile spill-free (compile check, sm_80/sm_90): 128-wide key tiles spill with a
-    mask tile, head_dim > 64 or dropout's Philox; mask + dropout also spills the 4-warp 64x64 tile on sm_80."""
+    mask tile, head_dim > 64 or dropout's Philox."""
     heavy = flags.get("HAS_MASK") or flags.get("BLOCK_D", 0) > 64 or flags.get("DROPOUT")
-    if meta["BLOCK_N"] > 64 and heavy:
-        return False
-    return not (flags.get("HAS_MASK") and flags.get("DROPOUT") and not flags.get("INTERLEAVED")
-                and meta["BLOCK_M"] < 128)
+    return meta["BLOCK_N"] <= 64 or not heavy
 
 
 ATTENTION = Tuned(
