@@ -35,6 +35,9 @@ def _ddp_worker(rank, world, port, images, labels, result_path):
         assert model.last_backend == "triton"
         if rank == 0:
             torch.save({name: p.grad for name, p in model.named_parameters()}, result_path)
+        # both ranks leave together: a rank tearing gloo down while the other still holds the connection can
+        # abort it ("terminate called without an active exception", seen once in CI)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
