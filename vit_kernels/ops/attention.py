@@ -33,7 +33,7 @@ from ._common import (
     row_major,
     use_kernels,
 )
-from .dropout import apply_dropout, dropout_keep, keep_scale, new_seed
+from .dropout import apply_dropout, dropout_args, dropout_keep, new_seed
 
 LAYOUTS = ("h d qkv", "qkv h d")
 LOG2E = 1.4426950408889634
@@ -259,11 +259,6 @@ def scales(scaling: str, E: int, D: int) -> tuple:
     if scaling == "seed":
         return LOG2E, 1.0 / math.sqrt(E)
     return LOG2E / math.sqrt(D), 1.0
-
-
-def dropout_args(dropout: float, seed) -> tuple:
-    """The (seed, p, keep_scale) kernel arguments; p = 0 compiles dropout out (DROPOUT=False)."""
-    return (int(seed.item()) if dropout else 0), float(dropout), keep_scale(dropout)
 
 
 def attention_launch(qkv, num_heads, layout, scaling, mask, dropout=0.0, seed=None):

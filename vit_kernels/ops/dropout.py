@@ -81,6 +81,12 @@ def keep_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
+def dropout_args(p: float, seed) -> tuple:
+    """The (seed, p, keep_scale) kernel arguments of a dropping kernel; p = 0 needs no seed (the kernel's
+    DROPOUT flag is off then)."""
+    return (int(seed.item()) if p else 0), float(p), keep_scale(p)
+
+
 def dropout_launch(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout on a 2-D [M, N] tensor with the mask of (seed, row, column); any float dtype, same out."""
     x = row_major(x)
@@ -89,7 +95,7 @@ def dropout_launch(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tenso
     if M * N:
         DROPOUT.launch("dropout", None, lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]),
                                                                  triton.cdiv(N, meta["BLOCK_N"])),
-                       x, out, M, N, x.stride(0), out.stride(0), int(seed.item()), float(p), keep_scale(p))
+                       x, out, M, N, x.stride(0), out.stride(0), *dropout_args(p, seed))
     return out
 
 

@@ -28,7 +28,7 @@ from ._common import (
     row_major,
     use_kernels,
 )
-from .dropout import apply_dropout, dropout_op, keep_scale, new_seed
+from .dropout import apply_dropout, dropout_args, dropout_op, new_seed
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 
@@ -193,7 +193,7 @@ def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=No
         x, weight, dummy if bias is None else bias, dummy if scale is None else scale,
         dummy if branch_scale is None else branch_scale, dummy if residual is None else residual, out, M, N, K,
         x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
-        int(seed.item()) if dropout else 0, float(dropout), keep_scale(dropout),
+        *dropout_args(dropout, seed),
         1 if branch_scale is None else M // branch_scale.shape[0],
         HAS_BIAS=bias is not None, ACTIVATION=activation, DROPOUT=dropout > 0, HAS_SCALE=scale is not None,
         HAS_BRANCH_SCALE=branch_scale is not None, HAS_RESIDUAL=residual is not None, DEINTERLEAVE=deinterleave,
@@ -220,15 +220,15 @@ def linear_backward(dy, x, weight, bias, activation, scale, deinterleave, dropou
         dy32 = (dy32.view(branch_scale.shape[0], -1, dy32.shape[1]) * branch_scale[:, None, None]).view(dy32.shape)
     need_pre = activation is not None or (scale is not None and needs[4])
     pre = linear_op(x, weight, bias, None, None, None, deinterleave).float() if need_pre else None
+    if dropout:  # the same mask multiplies dy and the activation alike: regenerate it once, on dy
+        dy32 = dropout_op(dy32, seed, dropout)
     dscale = None
     if scale is not None:
         if needs[4]:
             act = pre if activation is None else F.gelu(pre, approximate="tanh" if activation == "gelu_tanh"
                                                         else "none")
-            dscale = (dy32 * (dropout_op(act, seed, dropout) if dropout else act)).sum(0).to(scale.dtype)
+            dscale = (dy32 * act).sum(0).to(scale.dtype)
         dy32 = dy32 * scale.float()
-    if dropout:
-        dy32 = dropout_op(dy32, seed, dropout)
     if activation is not None:
         dy32 = dy32 * gelu_derivative(pre, activation)
     if deinterleave > 1:  # back from output order to weight-row order
