@@ -22,30 +22,39 @@ def gflop_per_image(name: str, classes: int = 1000) -> float:
     return (2 * patches * e * 3 * c["patch"] ** 2 + c["depth"] * block + 2 * e * classes) / 1e9
 
 
-def build_candidates(name: str, dtype: torch.dtype, device, compile_modes=()) -> dict:
-    """{candidate: (model, the candidate it is checked against)}; all share one set of random weights."""
+def tutorial_model(cls, name: str):
+    """``cls`` (reference.ViT or vit_kernels.ViT) in configuration ``name``, paper scaling, random weights."""
+    c = CONFIGS[name]
+    return cls(in_channels=3, patch_size=c["patch"], emb_size=c["emb"], img_size=c["img"], depth=c["depth"],
+               n_classes=1000, num_heads=c["heads"], scaling="paper")
+
+
+def timm_model(name: str):
+    """timm's VisionTransformer in configuration ``name``, random weights (never downloads)."""
     import timm
 
+    c = CONFIGS[name]
+    return timm.create_model(c["timm"], pretrained=False, img_size=c["img"], patch_size=c["patch"],
+                             embed_dim=c["emb"], depth=c["depth"], num_heads=c["heads"])
+
+
+def build_candidates(name: str, dtype: torch.dtype, device, compile_modes=()) -> dict:
+    """{candidate: (model, the candidate it is checked against)}; all share one set of random weights."""
     import vit_kernels
     from vit_kernels import reference
 
-    c = CONFIGS[name]
     torch.manual_seed(0)
-    kwargs = dict(in_channels=3, patch_size=c["patch"], emb_size=c["emb"], img_size=c["img"], depth=c["depth"],
-                  n_classes=1000, num_heads=c["heads"], scaling="paper")
-    ref = reference.ViT(**kwargs).to(device, dtype).eval()
-    ours = vit_kernels.ViT(**kwargs).to(device, dtype).eval()
+    ref = tutorial_model(reference.ViT, name).to(device, dtype).eval()
+    ours = tutorial_model(vit_kernels.ViT, name).to(device, dtype).eval()
     ours.load_state_dict(ref.state_dict())
-    timm_model = timm.create_model(c["timm"], pretrained=False, img_size=c["img"], patch_size=c["patch"],
-                                   embed_dim=c["emb"], depth=c["depth"], num_heads=c["heads"])
-    timm_model = timm_model.to(device, dtype).eval()
+    timm_eager = timm_model(name).to(device, dtype).eval()
     candidates = {
-        "timm eager (SDPA)": (timm_model, None),
-        "ours (from_timm)": (vit_kernels.from_timm(timm_model), "timm eager (SDPA)"),
+        "timm eager (SDPA)": (timm_eager, None),
+        "ours (from_timm)": (vit_kernels.from_timm(timm_eager), "timm eager (SDPA)"),
         "reference eager": (ref, None),
         "ours (tutorial ViT)": (ours, "reference eager"),
     }
     for mode in compile_modes:
-        compiled = torch.compile(timm_model, mode=None if mode == "default" else mode, dynamic=False)
+        compiled = torch.compile(timm_eager, mode=None if mode == "default" else mode, dynamic=False)
         candidates[f"timm torch.compile ({mode})"] = (compiled, "timm eager (SDPA)")
     return candidates

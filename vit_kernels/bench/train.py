@@ -11,7 +11,7 @@ import gc
 import torch
 import torch.nn.functional as F
 
-from .models import CONFIGS
+from .models import CONFIGS, timm_model, tutorial_model
 from .timing import device_info, on_gpu, time_ms
 
 OURS, TIMM = "ours (from_timm)", "timm eager (SDPA)"
@@ -19,33 +19,26 @@ OURS, TIMM = "ours (from_timm)", "timm eager (SDPA)"
 
 def _builders(name: str, device, compile_modes) -> dict:
     """{candidate: (build() -> model, twin candidate)}; every build starts from the same random weights."""
-    import timm
-
     import vit_kernels
     from vit_kernels import reference
 
-    c = CONFIGS[name]
-    kwargs = dict(in_channels=3, patch_size=c["patch"], emb_size=c["emb"], img_size=c["img"], depth=c["depth"],
-                  n_classes=1000, num_heads=c["heads"], scaling="paper")
-
-    def timm_model():
+    def timm_vit():
         torch.manual_seed(0)
-        return timm.create_model(c["timm"], pretrained=False, img_size=c["img"], patch_size=c["patch"],
-                                 embed_dim=c["emb"], depth=c["depth"], num_heads=c["heads"]).to(device)
+        return timm_model(name).to(device)
 
     def tutorial(cls):
         torch.manual_seed(0)
-        return cls(**kwargs).to(device)
+        return tutorial_model(cls, name).to(device)
 
     builders = {
-        TIMM: (timm_model, None),
-        OURS: (lambda: vit_kernels.from_timm(timm_model()), TIMM),
+        TIMM: (timm_vit, None),
+        OURS: (lambda: vit_kernels.from_timm(timm_vit()), TIMM),
         "reference eager": (lambda: tutorial(reference.ViT), None),
         "ours (tutorial ViT)": (lambda: tutorial(vit_kernels.ViT), "reference eager"),
     }
     for mode in compile_modes:
         builders[f"timm torch.compile ({mode})"] = (
-            lambda mode=mode: torch.compile(timm_model(), mode=None if mode == "default" else mode, dynamic=False),
+            lambda mode=mode: torch.compile(timm_vit(), mode=None if mode == "default" else mode, dynamic=False),
             TIMM)
     return builders
 
