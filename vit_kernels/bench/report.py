@@ -8,12 +8,16 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def _markdown(header: list, rows) -> list:
+    """Markdown table lines: the header, its separator, one line per row of cell strings."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+
+
 def e2e_table(result: dict) -> str:
-    lines = ["| model | batch | candidate | ms | img/s | MFU | CUDA graph ms | vs timm eager |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['candidate']} | {r['ms']:.3f} | {r['img_per_s']:.0f} | "
-                     f"{_fmt(r['mfu'], '.1%')} | {_fmt(r['graph_ms'], '.3f')} | {r['speedup_vs_timm_eager']:.2f}x |")
+    lines = _markdown(["model", "batch", "candidate", "ms", "img/s", "MFU", "CUDA graph ms", "vs timm eager"], (
+        (r["model"], r["batch"], r["candidate"], f"{r['ms']:.3f}", f"{r['img_per_s']:.0f}", _fmt(r["mfu"], ".1%"),
+         _fmt(r["graph_ms"], ".3f"), f"{r['speedup_vs_timm_eager']:.2f}x") for r in result["rows"]))
     head = result.get("headline") or {}
     if any(v is not None for v in head.values()):
         lines += ["", "headline (ViT-B/16, bf16): " + ", ".join(f"{k}={_fmt(v, '.4g') if isinstance(v, float) else v}"
@@ -22,21 +26,16 @@ def e2e_table(result: dict) -> str:
 
 
 def train_table(result: dict) -> str:
-    lines = ["| model | batch | candidate | ms/step | img/s | peak MiB | vs timm eager |",
-             "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['candidate']} | {r['ms']:.2f} | {r['img_per_s']:.0f} | "
-                     f"{_fmt(r['peak_mib'], '.0f')} | {r['speedup_vs_timm_eager']:.2f}x |")
-    return "\n".join(lines)
+    return "\n".join(_markdown(["model", "batch", "candidate", "ms/step", "img/s", "peak MiB", "vs timm eager"], (
+        (r["model"], r["batch"], r["candidate"], f"{r['ms']:.2f}", f"{r['img_per_s']:.0f}", _fmt(r["peak_mib"], ".0f"),
+         f"{r['speedup_vs_timm_eager']:.2f}x") for r in result["rows"])))
 
 
 def ops_table(result: dict) -> str:
-    lines = ["| op | shape | implementation | ms | TFLOP/s | GB/s | % of peak | ours is faster by |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.4f} | {_fmt(r['tflops'], '.1f')} | "
-                     f"{_fmt(r['gbps'], '.0f')} | {_fmt(r['frac_of_peak'], '.0%')} | {r['ours_speedup']:.2f}x |")
-    return "\n".join(lines)
+    return "\n".join(_markdown(
+        ["op", "shape", "implementation", "ms", "TFLOP/s", "GB/s", "% of peak", "ours is faster by"],
+        ((r["op"], r["shape"], r["impl"], f"{r['ms']:.4f}", _fmt(r["tflops"], ".1f"), _fmt(r["gbps"], ".0f"),
+          _fmt(r["frac_of_peak"], ".0%"), f"{r['ours_speedup']:.2f}x") for r in result["rows"])))
 
 
 def plot_e2e(result: dict, path) -> pathlib.Path:
