@@ -12,7 +12,7 @@ import torch
 
 from vit_kernels.bench.timing import device_info, save_json, time_ms
 from vit_kernels.cli import main
-from vit_kernels.ops._common import config
+from vit_kernels.ops.launch import config
 from vit_kernels.ops.linear import linear_launch, linear_torch
 
 SHAPES = {"qkv": (2304, 768, None, False), "proj+res": (768, 768, None, True), "fc1+gelu": (3072, 768, "gelu", False),
@@ -36,7 +36,8 @@ def sweep(batch: int = 256, dtype=torch.bfloat16) -> None:
         expected = linear_torch(x, w, b, act, None, res).float()
         for cfg in SWEEP:
             label = f"{cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}"
-            run = lambda: linear_launch(x, w, b, act, None, res, config=cfg)  # noqa: E731
+            def run(x=x, w=w, b=b, act=act, res=res, cfg=cfg):
+                return linear_launch(x, w, b, act, None, res, config=cfg)
             try:
                 err = (run().float() - expected).abs().max().item()
                 ms = time_ms(run)

@@ -9,8 +9,8 @@ Skipped without a GPU; the default `pytest` (tests/) never collects this folder.
 import pytest
 import torch
 
-from vit_kernels.bench.models import build_candidates
-from vit_kernels.bench.ops import OP_SUITES
+from vit_kernels.bench.models import CONFIGS, build_candidates
+from vit_kernels.bench.ops import op_suites
 
 
 def _cases():
@@ -18,11 +18,12 @@ def _cases():
         return [pytest.param(None, None, id="no-gpu")]
     params = []
     with torch.no_grad():
-        for op, suite in OP_SUITES.items():
-            for case in suite("vit_b_16", 64, torch.bfloat16, "cuda"):
-                params.append(pytest.param(case.op, case.ours, id=f"{case.op}-ours"))
+        for name, suite in op_suites().items():
+            for case in suite(CONFIGS["vit_b_16"], 64, torch.bfloat16, "cuda"):
+                op = f"{name} {case.label}".strip()
+                params.append(pytest.param(op, case.ours, id=f"{op}-ours"))
                 for label, fn in case.baselines.items():
-                    params.append(pytest.param(case.op, fn, id=f"{case.op}-{label}"))
+                    params.append(pytest.param(op, fn, id=f"{op}-{label}"))
     return params
 
 

@@ -16,12 +16,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before vit_kernels defines its kernels
 
-import vit_kernels  # noqa: E402
+import vit_kernels
+from vit_kernels.configs import tutorial_kwargs
 
-CONFIGS = {
-    "tiny": dict(in_channels=3, patch_size=8, emb_size=72, img_size=48, depth=2, n_classes=10, num_heads=3),
-    "vit_s_16": dict(in_channels=3, patch_size=16, emb_size=384, img_size=224, depth=12, n_classes=1000, num_heads=6),
-}
+CONFIGS = {name: tutorial_kwargs(name) for name in ("tiny", "vit_s_16")}
 
 
 def main(argv=None) -> list:

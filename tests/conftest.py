@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("VIT_KERNELS_POISON", "1")  # kernel outputs start as NaN: unwritten elements fail tests
 
-import pytest  # noqa: E402
+import pytest
 
 ON_GPU = torch.cuda.is_available()
 

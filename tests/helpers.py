@@ -2,13 +2,11 @@
 import pytest
 import torch
 
+from vit_kernels.tolerance import error_bound
+from vit_kernels.tolerance import max_error as max_err
+
 # bf16 is only meaningful on a GPU: the interpreter's bf16 arithmetic is wrong
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 def assert_matches(ours: torch.Tensor, torch_lowp, ref: torch.Tensor, *, fp32_tol: float = 1e-4,
@@ -18,10 +16,7 @@ def assert_matches(ours: torch.Tensor, torch_lowp, ref: torch.Tensor, *, fp32_to
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(ours).all(), f"{name}: non-finite values"
     err = max_err(ours, ref)
-    if ours.dtype in LOW_PRECISION:
-        bound = 2 * max_err(torch_lowp, ref) + floor
-    else:
-        bound = fp32_tol * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    bound = error_bound(ours.dtype, torch_lowp, ref, fp32_rtol=fp32_tol, floor=floor)
     assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g}"
 
 

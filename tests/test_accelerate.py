@@ -127,7 +127,7 @@ def test_outputs_match_the_original(framework, pairs, images):
 def test_tutorial_model_becomes_the_fused_vit_with_its_settings(pairs):
     _, fast = pairs["tutorial"]
     attn = fast[1][0][0].fn[1]
-    assert (attn.scaling, attn.num_heads, fast[0].img_size, len(fast[1])) == ("seed", 3, 32, 2)
+    assert (attn.scaling, attn.num_heads, fast[0].img_size, len(fast[1])) == ("tutorial", 3, 32, 2)
     assert pairs["reference"][1][1][0][0].fn[1].scaling == "paper"
     fused = vit_kernels.ViT(**TUTORIAL)
     assert vit_kernels.accelerate(fused) is fused
@@ -255,17 +255,17 @@ def reference_maps(framework, model, images):
     if framework in ("tutorial", "reference"):
         for block in model[1]:
             attn = block[0].fn[1]
-            scale = attn.emb_size ** 0.5 if getattr(attn, "scaling", "seed") == "seed" else 1.0
+            scale = attn.emb_size ** 0.5 if getattr(attn, "scaling", "tutorial") == "tutorial" else 1.0
             hooks.append(attn.att_drop.register_forward_pre_hook(lambda m, args, s=scale: maps.append(args[0] * s)))
     elif framework == "timm":
         for blk in model.blocks:
             blk.attn.fused_attn = False  # timm's explicit path materializes softmax -> attn_drop
             hooks.append(blk.attn.attn_drop.register_forward_pre_hook(lambda m, args: maps.append(args[0])))
     else:  # torchvision: ask nn.MultiheadAttention for its per-head weights on the same input
-        for blk in model.encoder.layers:
-            hooks.append(blk.self_attention.register_forward_hook(lambda m, args, out: maps.append(
-                nn.MultiheadAttention.forward(m, args[0], args[0], args[0], need_weights=True,
-                                              average_attn_weights=False)[1])))  # .forward: no hook recursion
+        hooks += [blk.self_attention.register_forward_hook(lambda m, args, out: maps.append(
+            nn.MultiheadAttention.forward(m, args[0], args[0], args[0], need_weights=True,
+                                          average_attn_weights=False)[1]))  # .forward: no hook recursion
+                  for blk in model.encoder.layers]
     with torch.no_grad():
         model(images)
     for h in hooks:

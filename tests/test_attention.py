@@ -28,7 +28,7 @@ def check(qkv, H, layout, scaling, mask=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("scaling", ["seed", "paper"])
+@pytest.mark.parametrize("scaling", ["tutorial", "paper"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference(shape, layout, scaling, dtype, device):
@@ -48,7 +48,7 @@ def test_paper_scaling_equals_sdpa(dtype, device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mask_shape", [(65, 65), (2, 1, 65, 65), (1, 3, 65, 65), (2, 3, 65, 65), (2, 1, 1, 65)])
-@pytest.mark.parametrize("scaling", ["seed", "paper"])
+@pytest.mark.parametrize("scaling", ["tutorial", "paper"])
 def test_masks(mask_shape, scaling, dtype, device):
     qkv = qkv_buffer(2, 65, 3, 24, dtype, device)
     mask = torch.rand(*mask_shape, device=device) > 0.3
@@ -65,12 +65,12 @@ def test_fully_masked_rows_are_zero(device):
     assert torch.isfinite(got).all()
 
 
-def test_seed_scaling_divides_after_softmax(device):
+def test_tutorial_scaling_divides_after_softmax(device):
     qkv = qkv_buffer(1, 26, 2, 16, torch.float32, device)
-    seed = ops.attention(qkv, 2, "qkv h d", "seed")
+    tutorial = ops.attention(qkv, 2, "qkv h d", "tutorial")
     q, k, v = split_qkv(qkv, 2, "qkv h d")
     unscaled = (torch.softmax(q @ k.transpose(-1, -2), -1) @ v).transpose(1, 2).reshape(1, 26, 32)
-    torch.testing.assert_close(seed, unscaled / math.sqrt(32), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tutorial, unscaled / math.sqrt(32), rtol=1e-4, atol=1e-5)
 
 
 def test_strided_qkv_view(device):

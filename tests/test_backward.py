@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import vit_kernels
 from vit_kernels import ops
 from vit_kernels import reference as R
+from vit_kernels.configs import timm_kwargs, tutorial_kwargs
 from vit_kernels.ops.attention import attention_torch
 from vit_kernels.ops.linear import linear_torch
 from vit_kernels.ops.patch_embed import patch_embed_torch
@@ -64,7 +65,7 @@ def test_linear(activation, deinterleave, dtype, device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["h d qkv", "qkv h d"])
-@pytest.mark.parametrize("scaling", ["seed", "paper"])
+@pytest.mark.parametrize("scaling", ["tutorial", "paper"])
 @pytest.mark.parametrize("shape", [(2, 26, 2, 16), (2, 65, 3, 24), (1, 37, 1, 80), (2, 197, 2, 64)])
 def test_attention(shape, scaling, layout, dtype, device):
     B, N, H, D = shape
@@ -73,7 +74,7 @@ def test_attention(shape, scaling, layout, dtype, device):
                 [qkv], dtype)
 
 
-@pytest.mark.parametrize("scaling", ["seed", "paper"])
+@pytest.mark.parametrize("scaling", ["tutorial", "paper"])
 def test_attention_with_mask_and_empty_rows(scaling, device):
     qkv = randn(2, 26, 3 * 2 * 24, device=device)
     mask = torch.rand(2, 1, 26, 26, device=device) > 0.4
@@ -110,7 +111,7 @@ def test_pool_norm(pool, start, norm, device):
 
 
 # --- whole models ------------------------------------------------------------------------------------------
-ODD = dict(in_channels=3, patch_size=8, emb_size=72, img_size=48, depth=2, n_classes=10, num_heads=3)
+ODD = tutorial_kwargs("tiny")  # 37 tokens, head_dim 24
 
 
 def assert_model_grads_match(fast, ref, x, *args):
@@ -129,7 +130,7 @@ def assert_model_grads_match(fast, ref, x, *args):
         assert err <= 2e-4 * scale, f"grad of {name}: max error {err:.3g} (scale {scale:.3g})"
 
 
-@pytest.mark.parametrize("scaling", ["seed", "paper"])
+@pytest.mark.parametrize("scaling", ["tutorial", "paper"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_tutorial_vit_gradients(scaling, masked, device):
     ref = R.ViT(**ODD, scaling=scaling).to(device).double()
@@ -141,10 +142,9 @@ def test_tutorial_vit_gradients(scaling, masked, device):
 
 @pytest.mark.parametrize("kw", [dict(global_pool="token"), dict(global_pool="avg", reg_tokens=1, init_values=0.1)])
 def test_timm_gradients(kw, device):
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
-                              depth=2, num_heads=2, num_classes=7, **kw).to(device)
-    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
-                            depth=2, num_heads=2, num_classes=7, **kw).to(device).double()
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **timm_kwargs("tiny_timm"), **kw).to(device)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, **timm_kwargs("tiny_timm"), **kw)
+    ref = ref.to(device).double()
     ref.load_state_dict(model.state_dict())
     assert_model_grads_match(vit_kernels.from_timm(model), ref, randn(2, 3, 32, 32, device=device))
 

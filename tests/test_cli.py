@@ -18,10 +18,13 @@ def test_version_and_help():
     assert "verify" in help_text and "compile-check" in help_text
 
 
-def test_verify_prints_a_passing_table(capsys):
-    assert cli.main(["--no-timm", "--batch", "1"]) == 0  # options alone select the default command
+def test_verify_prints_a_passing_table_without_timm(capsys, monkeypatch):
+    """timm is optional: without it the default command skips the from_timm rows, says so, and passes."""
+    monkeypatch.setattr(cli, "timm_installed", lambda: False)
+    assert cli.main(["--batch", "1"]) == 0  # options alone select the default command
     out = capsys.readouterr().out
-    assert "ViT (seed scaling)" in out and "ViT (paper scaling)" in out
+    assert "timm is not installed" in out and "timm ViT" not in out
+    assert "ViT (tutorial scaling)" in out and "ViT (paper scaling)" in out
     assert "FAIL" not in out and re.search(r"^\d+ passed, 0 failed$", out, re.M)
 
 

@@ -5,9 +5,10 @@ import torch
 from safetensors.torch import save_file
 
 import vit_kernels
+from vit_kernels.configs import timm_kwargs
 from vit_kernels.models import factory
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=10)
+TINY = timm_kwargs("tiny_timm", num_classes=10)  # 32 x 32 images, patch 8, emb 48, depth 2, 2 heads
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
@@ -91,8 +92,7 @@ def test_torchvision_checkpoint_matches_torchvision(tmp_path, suffix):
         save_file({k: v.contiguous() for k, v in state.items()}, path)
     else:
         torch.save(state, path)
-    model = vit_kernels.create_model("vit_tiny_patch16_224", checkpoint_path=path, img_size=32, patch_size=8,
-                                     embed_dim=48, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10).eval()
+    model = vit_kernels.create_model("vit_tiny_patch16_224", checkpoint_path=path, **TINY, mlp_ratio=2.0).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         got = model(x)

@@ -7,13 +7,14 @@ import torch.nn.functional as F
 import vit_kernels
 from vit_kernels import ops
 from vit_kernels import reference as R
+from vit_kernels.configs import tutorial_kwargs
 from vit_kernels.ops.attention import attention_torch
 from vit_kernels.ops.patch_embed import patch_embed_torch
 
 from helpers import assert_matches, randn
 
 pytestmark = pytest.mark.gpu
-VIT_B16 = dict(in_channels=3, patch_size=16, emb_size=768, img_size=224, depth=12, n_classes=1000, num_heads=12)
+VIT_B16 = tutorial_kwargs("vit_b_16")
 LOWP = [torch.float16, torch.bfloat16]
 
 
@@ -76,7 +77,7 @@ def test_autocast_bf16(tutorial_pair):
 def test_attention_real_size(layout, head_dim, dtype):
     heads = 12 if head_dim == 64 else 16
     qkv = randn(64, 197, 3 * heads * head_dim, dtype=dtype, device="cuda")
-    for scaling in ("seed", "paper"):
+    for scaling in ("tutorial", "paper"):
         got = ops.attention(qkv, heads, layout, scaling)
         assert_matches(got, attention_torch(qkv, heads, layout, scaling),
                        attention_torch(qkv.double(), heads, layout, scaling))

@@ -101,7 +101,7 @@ def test_bad_input(call, error, match):
 @pytest.mark.parametrize("split", [False, True])
 def test_both_epilogue_paths(split, device):
     """The split (two column halves) and the whole-tile epilogue, pinned instead of autotuned."""
-    from vit_kernels.ops._common import config
+    from vit_kernels.ops.launch import config
     from vit_kernels.ops.linear import linear_launch
 
     x, w, b, s, r = operands((70, 96, 40), torch.float32, device, scale=True, residual=True)

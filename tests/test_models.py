@@ -9,12 +9,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import vit_kernels
 from vit_kernels import ops
 from vit_kernels import reference as R
+from vit_kernels.configs import timm_kwargs, tutorial_kwargs
 
 import tutorial_vit as tutorial
 from helpers import assert_matches
 
 # N = 1 + (48 / 8)^2 = 37 tokens (odd); emb 72 / 3 heads = head_dim 24 (not a power of two)
-ODD = dict(in_channels=3, patch_size=8, emb_size=72, img_size=48, depth=2, n_classes=10, num_heads=3)
+ODD = tutorial_kwargs("tiny")
 DEFAULT_HEADS = dict(in_channels=2, patch_size=8, emb_size=64, img_size=40, depth=2, n_classes=7)  # 8 heads, N=26
 
 
@@ -41,7 +42,7 @@ def test_matches_tutorial_code(cfg, device):
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("scaling", ["seed", "paper"])
+@pytest.mark.parametrize("scaling", ["tutorial", "paper"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_matches_reference(scaling, masked, device):
     ref, fast = fused_twin(device=device, **ODD, scaling=scaling)
@@ -198,7 +199,7 @@ def test_device_mix_is_rejected():
 
 
 # --- timm -------------------------------------------------------------------------------------------------
-TIMM_TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=7)
+TIMM_TINY = timm_kwargs("tiny_timm")  # 17 tokens, emb 48, 2 heads, 7 classes
 TIMM_VARIANTS = {
     "token": dict(global_pool="token"),
     "avg_fc_norm": dict(global_pool="avg"),

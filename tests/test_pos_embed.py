@@ -8,6 +8,7 @@ from timm.layers import resample_abs_pos_embed
 
 import vit_kernels
 from vit_kernels import reference as R
+from vit_kernels.configs import timm_kwargs
 from vit_kernels.models import pos_embed
 from vit_kernels.models.pos_embed import PositionCache, image_grid, resample_pos_embed
 
@@ -179,7 +180,7 @@ def test_tutorial_dynamic_training_reaches_positions():
 
 
 # --- the timm flavour --------------------------------------------------------------------------------------
-TIMM_TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=7)
+TIMM_TINY = timm_kwargs("tiny_timm")  # 32 x 32 images, patch 8, emb 48, 2 heads, 7 classes
 
 
 def timm_model(**kw):

@@ -39,7 +39,7 @@ def model_config(seed: int) -> dict:
                                * cfg["depth"] > WORK_BUDGET):
         cfg["grid"] -= 1
     if cfg["kind"] == "tutorial":
-        cfg.update(scaling=rng.choice(["seed", "paper"]), leftover=rng.randint(0, cfg["patch"] - 1),
+        cfg.update(scaling=rng.choice(["tutorial", "paper"]), leftover=rng.randint(0, cfg["patch"] - 1),
                    masked=rng.random() < 0.3)
     else:
         pool = rng.choice(["token", "avg"])
@@ -112,7 +112,7 @@ def op_case(seed: int, device):
     if op == "attention":
         heads, head_dim = rng.randint(1, 4), rng.choice(HEAD_DIMS)
         qkv = rand(rng.randint(1, 4), rng.randint(1, 200), 3 * heads * head_dim)
-        layout, scaling = rng.choice(["h d qkv", "qkv h d"]), rng.choice(["seed", "paper"])
+        layout, scaling = rng.choice(["h d qkv", "qkv h d"]), rng.choice(["tutorial", "paper"])
         n = qkv.shape[1]
         mask = torch.rand(n, n, generator=gen).to(device) > 0.3 if rng.random() < 0.3 else None
         got = ops.attention(qkv, heads, layout, scaling, mask)

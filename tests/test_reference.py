@@ -36,7 +36,7 @@ def test_matches_tutorial(cfg, dtype):
 
 
 def test_tutorial_checkpoint_keys_and_defaults():
-    theirs, ours = twin(**TINY)
+    _, ours = twin(**TINY)
     keys = set(ours.state_dict())
     for key in ["0.cls_token", "0.positions", "0.projection.0.weight", "1.0.0.fn.0.weight", "1.0.0.fn.1.qkv.weight",
                 "1.0.0.fn.1.projection.bias", "1.1.1.fn.0.bias", "1.1.1.fn.1.0.weight", "1.1.1.fn.1.3.weight",
@@ -46,8 +46,8 @@ def test_tutorial_checkpoint_keys_and_defaults():
     for name in ["ViT", "PatchEmbedding", "TransformerEncoderBlock", "TransformerEncoder", "ClassificationHead",
                  "FeedForwardBlock"]:
         assert params(getattr(R, name)) == params(getattr(tutorial, name)), name
-    assert params(R.MultiHeadAttention) == params(tutorial.MultiHeadAttention) + [
-        ("scaling", "seed", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    assert params(R.MultiHeadAttention) == [*params(tutorial.MultiHeadAttention),
+                                            ("scaling", "tutorial", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
 
 
 def params(cls):
@@ -71,7 +71,7 @@ def test_paper_scaling_matches_sdpa(heads, emb):
     torch.testing.assert_close(mha(x, mask), paper_attention_via_sdpa(mha, x, mask))
 
 
-def test_seed_scaling_formula_and_mask():
+def test_tutorial_scaling_formula_and_mask():
     mha = R.MultiHeadAttention(48, 4).double()
     x = torch.randn(2, 17, 48, dtype=torch.float64)
     mask = torch.rand(1, 4, 17, 17) > 0.5
@@ -82,7 +82,33 @@ def test_seed_scaling_formula_and_mask():
     torch.testing.assert_close(mha(x, mask), expected)
 
 
-@pytest.mark.parametrize("scaling", ["seed", "paper"])
+def test_default_scaling_is_tutorial():
+    assert R.MultiHeadAttention(48, 4).scaling == "tutorial"
+    assert R.ViT(**TINY)[1][0][0].fn[1].scaling == "tutorial"
+
+
+def test_seed_scaling_is_a_deprecated_alias_of_tutorial():
+    torch.manual_seed(1)
+    tutorial = R.ViT(**TINY, scaling="tutorial").eval()
+    with pytest.warns(DeprecationWarning, match='scaling="seed" is deprecated'):
+        seed = R.ViT(**TINY, scaling="seed").eval()
+    assert all(block[0].fn[1].scaling == "tutorial" for block in seed[1])  # stored by its current name
+    seed.load_state_dict(tutorial.state_dict(), strict=True)
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(seed(x), tutorial(x))
+    with pytest.warns(DeprecationWarning):
+        mha = R.MultiHeadAttention(48, 4, scaling="seed")
+    assert mha.scaling == "tutorial"
+
+
+def test_unknown_scaling_names_the_choices():
+    with pytest.raises(ValueError, match=r"scaling must be one of \('tutorial', 'paper'\), got 'flash'"):
+        R.MultiHeadAttention(48, 4, scaling="flash")
+    assert R.SCALINGS == ("tutorial", "paper")
+
+
+@pytest.mark.parametrize("scaling", ["tutorial", "paper"])
 def test_fully_masked_rows_give_zeros(scaling):
     mha = R.MultiHeadAttention(48, 4, scaling=scaling)
     x = torch.randn(2, 9, 48)

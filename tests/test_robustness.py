@@ -1,4 +1,7 @@
-"""Large offsets, grid limits, empty batches, device/dtype mixes, layouts, non-finite values, big magnitudes."""
+"""Large offsets, grid limits, empty batches, device/dtype mixes, layouts, non-finite values, big magnitudes.
+
+The sweeps in the first section run over every registered op (``OpSpec.examples``): a new op is covered
+without editing this file."""
 import importlib
 
 import pytest
@@ -9,15 +12,85 @@ import torch.nn.functional as F
 import vit_kernels
 from vit_kernels import ops
 from vit_kernels import reference as R
-from vit_kernels.ops._common import MAX_GRID_X, launch_grid
+from vit_kernels.configs import SIZES, timm_kwargs, tutorial_kwargs
 from vit_kernels.ops.attention import attention_torch
+from vit_kernels.ops.launch import MAX_GRID_X, launch_grid
 from vit_kernels.ops.linear import linear_torch
 from vit_kernels.ops.patch_embed import patch_embed_torch
+from vit_kernels.ops.registry import registered_ops
 
 from helpers import assert_matches, randn
 
-TINY = dict(in_channels=3, patch_size=8, emb_size=72, img_size=48, depth=1, n_classes=10, num_heads=3)
+TINY = tutorial_kwargs("tiny", depth=1)
+TIMM_TINY = timm_kwargs("tiny_timm", depth=1)
+SPECS = {spec.name: spec for spec in registered_ops()}
 HUGE_STRIDE = 2**30  # sample 2 starts at element 2**31: int32 offsets would wrap (the interpreter emulates it)
+
+
+# --- every registered op: the sweeps ------------------------------------------------------------------------
+def tensors_of(args, kwargs):
+    """(position or keyword, tensor) of each tensor argument of an example call."""
+    return [*((i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)),
+            *((k, v) for k, v in kwargs.items() if isinstance(v, torch.Tensor))]
+
+
+def replaced(args, kwargs, where, value):
+    if isinstance(where, int):
+        return (*args[:where], value, *args[where + 1:]), kwargs
+    return args, {**kwargs, where: value}
+
+
+@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_op_matches_its_pytorch_fallback(name, dtype, device):
+    """The kernels and the op's own PyTorch fallback compute the same function (random ops: the same share of
+    zeros), and the kernel path launches one of the op's registered kernels."""
+    spec = SPECS[name]
+    kernel_names = {grid.launcher.name for grid in spec.kernels}
+    for args, kwargs in spec.examples(device, dtype, 3):
+        vit_kernels.ops.reset_launch_counts()
+        got = spec.fn(*args, **kwargs)
+        assert set(vit_kernels.ops.launch_counts()) & kernel_names, f"{name}: none of {kernel_names} launched"
+        with vit_kernels.ops.use_backend("torch"):
+            expected = spec.fn(*args, **kwargs)
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        if spec.random:
+            assert abs((got == 0).float().mean() - (expected == 0).float().mean()) < 0.1
+        else:
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(got, expected, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_op_takes_an_empty_batch(name, device):
+    spec = SPECS[name]
+    for args, kwargs in spec.examples(device, torch.float32, 0):
+        got = spec.fn(*args, **kwargs)
+        with vit_kernels.ops.use_backend("torch"):
+            assert got.shape == spec.fn(*args, **kwargs).shape and got.shape[0] == 0
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_op_rejects_bad_dtypes_and_non_tensors(name, device):
+    spec = SPECS[name]
+    args, kwargs = spec.examples(device, torch.float32, 2)[0]
+    x = args[0]
+    for bad in (x.to(torch.int32), x.double()):
+        with pytest.raises(TypeError, match="supported: float32, float16, bfloat16"):
+            spec.fn(bad, *args[1:], **kwargs)
+    with pytest.raises(TypeError, match=r"must be a torch\.Tensor"):
+        spec.fn(x.tolist(), *args[1:], **kwargs)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_op_rejects_tensors_on_another_device(name, device):
+    """Each tensor argument after the first, moved to the meta device, is a ValueError naming the device."""
+    spec = SPECS[name]
+    args, kwargs = spec.examples(device, torch.float32, 2)[0]
+    for where, t in tensors_of(args, kwargs)[1:]:
+        bad_args, bad_kwargs = replaced(args, kwargs, where, t.to("meta"))
+        with pytest.raises(ValueError, match="is on meta"):
+            spec.fn(*bad_args, **bad_kwargs)
 
 
 def huge_strided(shape, device):
@@ -100,8 +173,7 @@ def test_empty_batches(device):
     fast = vit_kernels.ViT(**TINY).to(device).eval()
     with torch.no_grad():
         assert fast(randn(0, 3, 48, 48, device=device)).shape == ref(randn(0, 3, 48, 48, device=device)).shape
-        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=1,
-                                  num_heads=2, num_classes=7).to(device).eval()
+        model = timm.create_model(SIZES["tiny_timm"].timm, **TIMM_TINY).to(device).eval()
         assert vit_kernels.from_timm(model)(randn(0, 3, 32, 32, device=device)).shape == (0, 7)
 
 
@@ -110,8 +182,7 @@ def test_model_input_dtype_must_match_parameters(device):
     fast = vit_kernels.ViT(**TINY).to(device).eval()
     with pytest.raises(TypeError, match="differs from the model's parameters"), torch.no_grad():
         fast(randn(2, 3, 48, 48, device=device).half())
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=1,
-                              num_heads=2, num_classes=7).to(device).eval()
+    model = timm.create_model(SIZES["tiny_timm"].timm, **TIMM_TINY).to(device).eval()
     with pytest.raises(TypeError, match="differs from the model's parameters"), torch.no_grad():
         vit_kernels.from_timm(model)(randn(2, 3, 32, 32, device=device).half())
 
@@ -168,6 +239,7 @@ def same_non_finite(got, expected):
     torch.testing.assert_close(got[finite].double(), expected[finite].double(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf of the inputs given
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_inputs_propagate(bad, device):
     x = randn(6, 40, device=device)
@@ -191,7 +263,8 @@ def test_nan_in_masked_keys_matches_reference(device):
     qkv[0, 5, 32:] = float("nan")  # the value of key 5
     mask = torch.ones(6, 6, dtype=torch.bool, device=device)
     mask[:, 5] = False
-    same_non_finite(ops.attention(qkv, 2, "qkv h d", "seed", mask), attention_torch(qkv, 2, "qkv h d", "seed", mask))
+    same_non_finite(ops.attention(qkv, 2, "qkv h d", "tutorial", mask),
+                    attention_torch(qkv, 2, "qkv h d", "tutorial", mask))
 
 
 # --- large magnitudes do not overflow where the reference does not -------------------------------------------

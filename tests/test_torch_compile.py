@@ -1,55 +1,37 @@
-"""torch.library registration: opcheck per op, and torch.compile(fullgraph=True) of the fused models."""
+"""torch.library registration: opcheck of every registered op's custom ops, and torch.compile(fullgraph=True) of
+the fused models."""
 import pytest
 import timm
 import torch
 
 import vit_kernels
-from vit_kernels.ops.attention import attention_backward_op, attention_op, contiguous_key_mask
-from vit_kernels.ops.dropout import dropout_op, new_seed
-from vit_kernels.ops.head import pool_norm_op
-from vit_kernels.ops.layer_norm import layer_norm_backward_op, layer_norm_op
-from vit_kernels.ops.linear import linear_op
-from vit_kernels.ops.patch_embed import patch_embed_op
+from vit_kernels.ops.registry import registered_ops
 
 from helpers import randn
 
 ODD = dict(in_channels=3, patch_size=8, emb_size=72, img_size=48, depth=2, n_classes=10, num_heads=3)
+OPS = [spec.name for spec in registered_ops() if spec.custom_ops]
 
 
-def op_samples(device):
-    def r(*shape, grad=True):
-        return randn(*shape, device=device).requires_grad_(grad)
-
-    mask = contiguous_key_mask(torch.rand(2, 1, 9, 9, device=device) > 0.3, 9)
-    qkv = r(2, 9, 3 * 2 * 16)
-    out, lse = attention_op(qkv.detach(), None, 2, "qkv h d", "paper")
-    x, w = r(7, 24), r(24)
-    _, mean, rstd = layer_norm_op(x.detach(), w.detach(), None, 1e-5)
-    return [
-        (layer_norm_op, (x, w, r(24), 1e-5)),
-        (layer_norm_op, (r(5, 33), None, None, 1e-6)),
-        (layer_norm_backward_op, (r(7, 24, grad=False), x.detach(), w.detach(), mean, rstd)),
-        (linear_op, (r(9, 20), r(30, 20), r(30), "gelu", r(30), r(9, 30), 3)),
-        (linear_op, (r(4, 8), r(6, 8), None, None, None, None, 1)),
-        (attention_op, (qkv, None, 2, "qkv h d", "paper")),
-        (attention_op, (r(2, 9, 3 * 2 * 16), mask, 2, "h d qkv", "seed")),
-        (attention_backward_op, (randn(2, 9, 32, device=device), qkv.detach(), out, lse, None, 2, "qkv h d", "paper")),
-        (patch_embed_op, (r(2, 3, 16, 24), r(8, 3, 8, 8), r(8), r(1, 8), r(7, 8), True)),
-        (pool_norm_op, (r(2, 9, 24), "mean", 1, r(24), r(24), 1e-5, True)),
-        (pool_norm_op, (r(2, 9, 24), "token", 0, None, None, 1e-5, False)),
-        (linear_op, (r(9, 20), r(30, 20), r(30), "gelu", None, None, 1, 0.25, new_seed())),
-        (linear_op, (r(9, 20), r(30, 20), r(30), None, r(30), r(9, 30), 1, 0.25, new_seed())),
-        (attention_op, (r(2, 9, 3 * 2 * 16), mask, 2, "h d qkv", "seed", 0.3, new_seed())),
-        (dropout_op, (r(6, 40), new_seed(), 0.4)),
-        (linear_op, (r(9, 20), r(30, 20), r(30), None, r(30), r(9, 30), 1, 0.0, None,
-                     torch.tensor([0.0, 1.5, 1.5], device=device))),
-    ]
+def opcheck_samples(name, device):
+    return next(spec for spec in registered_ops() if spec.name == name).opcheck_samples(device)
 
 
-@pytest.mark.parametrize("index", range(16))
-def test_opcheck(index, device):
-    op, args = op_samples(device)[index]
-    torch.library.opcheck(op, args)
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck(name, device):
+    """Every sample (op, args) of the op's registry entry passes torch.library.opcheck (schema, fake tensors,
+    autograd registration, aot dispatch)."""
+    samples = opcheck_samples(name, device)
+    assert samples, f"{name} registers custom ops but gives no opcheck samples"
+    for op, args in samples:
+        torch.library.opcheck(op, args)
+
+
+def test_opcheck_covers_every_custom_op(device):
+    """Each custom op an entry registers appears in its own samples: backward ops included."""
+    for spec in registered_ops():
+        sampled = {op for op, _ in spec.opcheck_samples(device)}
+        assert sampled == set(spec.custom_ops), f"{spec.name}: opcheck samples miss {set(spec.custom_ops) - sampled}"
 
 
 def test_compiled_tutorial_vit_fullgraph_matches_eager(device):

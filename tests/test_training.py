@@ -9,9 +9,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import vit_kernels
+from vit_kernels.configs import tutorial_kwargs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(in_channels=3, patch_size=8, emb_size=48, img_size=32, depth=1, n_classes=5, num_heads=2)
+TINY = tutorial_kwargs("tiny_timm", depth=1, n_classes=5)  # 17 tokens, emb 48, 2 heads
 
 
 def test_example_training_loop_lowers_the_loss(monkeypatch, capsys):

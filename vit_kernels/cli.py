@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -29,11 +30,19 @@ def cmd_verify(args) -> int:
     dtypes = None if not args.dtype else [getattr(torch, d) for d in args.dtype]
     print(f"vit_kernels {__version__}: fused models vs the PyTorch reference on {where}, config {config}, "
           f"batch {args.batch}")
-    rows = verify.run(config, args.batch, dtypes, timm_models=not args.no_timm)
+    with_timm = not args.no_timm and timm_installed()
+    if not args.no_timm and not with_timm:
+        print("timm is not installed: the from_timm rows are skipped (pip install timm, or --no-timm)")
+    rows = verify.run(config, args.batch, dtypes, timm_models=with_timm)
     print(verify.format_table(rows))
     failed = [r for r in rows if not r.ok]
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
+
+
+def timm_installed() -> bool:
+    """timm is optional (needed only for timm models): ``vit-kernels`` runs without it."""
+    return importlib.util.find_spec("timm") is not None
 
 
 CPU_NOTICE = ("CPU version: Triton interpreter and eager PyTorch on a tiny model. These times say nothing "
@@ -56,8 +65,7 @@ def cmd_bench(args) -> int:
         return 2
     models = args.model or (["vit_s_16", "vit_b_16", "vit_l_16"] if gpu else ["tiny"])
     batches = args.batch or ([1, 8, 32, 64, 128, 256] if gpu else [2])
-    op_names = [] if args.ops == ["none"] else (args.ops or ["patch_embed", "layer_norm", "linear", "attention",
-                                                              "mlp"])
+    op_names = [] if args.ops == ["none"] else (args.ops or op_choices())
     compile_modes = [] if args.compile == ["none"] else (args.compile or ["default", "max-autotune"])
     print(f"vit_kernels {__version__} benchmarks on {where}")
     if not gpu:
@@ -115,6 +123,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def op_choices() -> list:
+    """The registered ops with a benchmark, and the composites (``vit_kernels.bench.ops``). Importing them defines
+    the kernels: callers switch the interpreter on first (``_prepare_backend``)."""
+    from .bench.ops import op_suites
+
+    return list(op_suites())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-kernels", description="Fused Triton kernels for Vision Transformers.")
     parser.add_argument("--version", action="version", version=f"vit_kernels {__version__}")
@@ -135,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", nargs="+", type=positive_int, help="default: 1 8 32 64 128 256 (GPU), 2 (CPU)")
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                        help="default: bfloat16 on a GPU, float32 on a CPU")
-    bench.add_argument("--ops", nargs="+", choices=["patch_embed", "layer_norm", "linear", "attention", "mlp", "none"],
+    bench.add_argument("--ops", nargs="+", choices=[*op_choices(), "none"],
                        help="per-op benchmarks to run (default: all; 'none' skips them)")
     bench.add_argument("--compile", nargs="+", choices=["default", "max-autotune", "none"],
                        help="torch.compile baselines (GPU only; default: default max-autotune)")
@@ -163,6 +179,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv = ["verify", *argv]  # verify is the default command
+    _prepare_backend()  # before the parser imports the op registry (kernels are defined on import)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

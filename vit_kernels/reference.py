@@ -4,8 +4,9 @@ It keeps the seed tutorial's class tree, constructor signatures, defaults and ``
 checkpoint of the tutorial's model loads here with ``strict=True`` and gives the same outputs. It differs
 from the tutorial only where the tutorial is broken or silent:
 
-* ``scaling``: ``"seed"`` (default) is the tutorial's ``softmax(QK^T) / sqrt(emb_size)``; ``"paper"`` is
-  ``softmax(QK^T / sqrt(head_dim))`` as in the ViT paper and timm.
+* ``scaling``: ``"tutorial"`` (default) is the tutorial's ``softmax(QK^T) / sqrt(emb_size)``; ``"paper"`` is
+  ``softmax(QK^T / sqrt(head_dim))`` as in the ViT paper and timm. ``"seed"``, the old name of
+  ``"tutorial"``, still works with a ``DeprecationWarning``.
 * ``mask`` works (the tutorial calls the non-existent ``Tensor.mask_fill``): a boolean tensor broadcastable
   to ``[B, heads, N, N]``, True = attend. A query row with no key to attend to yields zeros, not NaN.
 * bad input raises a ``ValueError``/``TypeError`` naming the problem.
@@ -20,61 +21,15 @@ from einops import rearrange, repeat
 from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
-SCALINGS = ("seed", "paper")
-
-
-def check_probability(name: str, p: float) -> None:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
-
-
-def check_scaling(scaling: str) -> None:
-    if scaling not in SCALINGS:
-        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
-
-
-def check_heads(emb_size: int, num_heads: int) -> None:
-    if num_heads < 1 or emb_size % num_heads:
-        raise ValueError(f"emb_size ({emb_size}) must be divisible by num_heads ({num_heads})")
-
-
-def check_tokens(x: Tensor, emb_size: int) -> None:
-    """Token tensors are [B, N, E] floating point with E == emb_size."""
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"expected a floating-point tensor of tokens, got {type(x).__name__}"
-                        f"{'' if not isinstance(x, Tensor) else ' of dtype ' + str(x.dtype)}")
-    if x.dim() != 3:
-        raise ValueError(f"expected tokens of shape [batch, tokens, {emb_size}], got shape {tuple(x.shape)}")
-    if x.shape[-1] != emb_size:
-        raise ValueError(f"token width {x.shape[-1]} does not match emb_size {emb_size}")
-
-
-def check_image(x: Tensor, in_channels: int, img_size: int) -> None:
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"expected a floating-point image tensor, got {type(x).__name__}"
-                        f"{'' if not isinstance(x, Tensor) else ' of dtype ' + str(x.dtype)}")
-    if x.dim() != 4:
-        raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
-    if x.shape[1] != in_channels:
-        raise ValueError(f"expected {in_channels} input channels, got {x.shape[1]}")
-    if tuple(x.shape[2:]) != (img_size, img_size):
-        raise ValueError(f"image size {tuple(x.shape[2:])} differs from the size the position embedding "
-                         f"was built for ({img_size}, {img_size})")
-
-
-def check_mask(mask: Tensor | None, batch: int, heads: int, tokens: int) -> None:
-    if mask is None:
-        return
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a torch.bool tensor (True = attend), got "
-                        f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}")
-    target = (batch, heads, tokens, tokens)
-    try:
-        ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, target) == target
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to [B, heads, N, N] = {target}")
+from vit_kernels.validate import (  # the checks shared with the ops and the fused models (no kernels)
+    SCALINGS,  # noqa: F401  (re-exported: the scalings this model accepts)
+    check_heads,
+    check_image,
+    check_mask,
+    check_probability,
+    check_tokens,
+    resolve_scaling,
+)
 
 
 class PatchEmbedding(nn.Module):
@@ -111,14 +66,13 @@ def attention_probabilities(energy: Tensor, mask: Tensor | None) -> Tensor:
 
 
 class MultiHeadAttention(nn.Module):
-    def __init__(self, emb_size: int = 768, num_heads: int = 8, dropout: float = 0, scaling: str = "seed"):
+    def __init__(self, emb_size: int = 768, num_heads: int = 8, dropout: float = 0, scaling: str = "tutorial"):
         super().__init__()
         check_heads(emb_size, num_heads)
         check_probability("dropout", dropout)
-        check_scaling(scaling)
         self.emb_size = emb_size
         self.num_heads = num_heads
-        self.scaling = scaling
+        self.scaling = resolve_scaling(scaling)  # the deprecated "seed" is stored as "tutorial"
         self.qkv = nn.Linear(emb_size, emb_size * 3)
         self.att_drop = nn.Dropout(dropout)
         self.projection = nn.Linear(emb_size, emb_size)

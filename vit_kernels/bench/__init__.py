@@ -5,8 +5,8 @@ same process, every result checked against its baseline before it is timed. With
 a small, clearly labelled CPU version (Triton interpreter vs eager PyTorch) whose times mean nothing for GPUs.
 """
 from .e2e import HEADLINE_KEYS, run_e2e
-from .ops import OP_SUITES, run_ops
+from .ops import op_suites, run_ops
 from .timing import on_gpu
 from .train import run_train
 
-__all__ = ["HEADLINE_KEYS", "OP_SUITES", "on_gpu", "run_e2e", "run_ops", "run_train"]
+__all__ = ["HEADLINE_KEYS", "on_gpu", "op_suites", "run_e2e", "run_ops", "run_train"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..tolerance import max_error
 from .models import CONFIGS, build_candidates, gflop_per_image
 from .timing import cuda_graph_ms, device_info, measured_peaks, on_gpu, time_ms
 
@@ -10,10 +11,6 @@ HEADLINE_KEYS = ("gpu", "bs256_img_s", "bs256_vs_timm_eager", "bs256_vs_compile_
                  "bs1_latency_ms", "bs1_vs_timm_eager", "train_bs128_vs_compile", "train_bs128_vs_timm_eager",
                  "train_bs128_peak_vs_timm_eager")  # the train_* keys come from `bench --train` (bench/train.py)
 OURS, TIMM = "ours (from_timm)", "timm eager (SDPA)"
-
-
-def _max_error(out, ref) -> float:
-    return (out.float() - ref.float()).abs().max().item()
 
 
 def run_e2e(models=("vit_b_16",), batches=(1, 8, 32, 64, 128, 256), dtype=torch.bfloat16, compile_modes=(),
@@ -35,15 +32,18 @@ def run_e2e(models=("vit_b_16",), batches=(1, 8, 32, 64, 128, 256), dtype=torch.
                         if "compile" not in cand or compile_batches is None or batch in compile_batches}
                 outputs = {cand: model(x) for cand, (model, _) in here.items()}
                 for cand, (model, twin) in here.items():
-                    err = None if twin is None else _max_error(outputs[cand], outputs[twin])
+                    err = None if twin is None else max_error(outputs[cand], outputs[twin])
                     if err is not None:
                         scale = max(1.0, outputs[twin].float().abs().max().item())
                         limit = (1e-3 if dtype == torch.float32 else 5e-2) * scale
                         if not err <= limit:
                             raise AssertionError(f"{name} batch {batch}: {cand} differs from {twin} by {err:.3g}")
-                    ms = time_ms(lambda: model(x))
+                    def forward(model=model, x=x):
+                        return model(x)
+
+                    ms = time_ms(forward)
                     # compiled candidates manage their own graphs (max-autotune replays CUDA graphs already)
-                    graph = cuda_graph_ms(lambda: model(x)) if batch == 1 and "compile" not in cand else None
+                    graph = cuda_graph_ms(forward) if batch == 1 and "compile" not in cand else None
                     tflops = gflop * batch / ms if on_gpu() else None
                     rows.append(dict(model=name, batch=batch, dtype=str(dtype).replace("torch.", ""), candidate=cand,
                                      ms=ms, img_per_s=batch / ms * 1e3, tflops=tflops,

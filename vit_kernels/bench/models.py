@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import torch
 
-CONFIGS = {  # timm name, patch, width, depth, heads, image size
-    "vit_s_16": dict(timm="vit_small_patch16_224", patch=16, emb=384, depth=12, heads=6, img=224),
-    "vit_b_16": dict(timm="vit_base_patch16_224", patch=16, emb=768, depth=12, heads=12, img=224),
-    "vit_l_16": dict(timm="vit_large_patch16_224", patch=16, emb=1024, depth=24, heads=16, img=224),
-    "vit_h_14": dict(timm="vit_huge_patch14_224", patch=14, emb=1280, depth=32, heads=16, img=224),
-    "tiny": dict(timm="vit_tiny_patch16_224", patch=8, emb=72, depth=2, heads=3, img=48),  # the CPU version
-}
+from ..configs import as_dict, timm_kwargs, tutorial_kwargs
+
+# {name: {timm, patch, emb, depth, heads, img, classes}}: the sizes the benchmarks run, from vit_kernels.configs
+CONFIGS = {name: as_dict(name) for name in ("vit_s_16", "vit_b_16", "vit_l_16", "vit_h_14", "tiny")}
 COMPILE_MODES = ("default", "max-autotune")
 
 
@@ -24,18 +21,14 @@ def gflop_per_image(name: str, classes: int = 1000) -> float:
 
 def tutorial_model(cls, name: str):
     """``cls`` (reference.ViT or vit_kernels.ViT) in configuration ``name``, paper scaling, random weights."""
-    c = CONFIGS[name]
-    return cls(in_channels=3, patch_size=c["patch"], emb_size=c["emb"], img_size=c["img"], depth=c["depth"],
-               n_classes=1000, num_heads=c["heads"], scaling="paper")
+    return cls(**tutorial_kwargs(name, n_classes=1000), scaling="paper")
 
 
 def timm_model(name: str):
     """timm's VisionTransformer in configuration ``name``, random weights (never downloads)."""
     import timm
 
-    c = CONFIGS[name]
-    return timm.create_model(c["timm"], pretrained=False, img_size=c["img"], patch_size=c["patch"],
-                             embed_dim=c["emb"], depth=c["depth"], num_heads=c["heads"])
+    return timm.create_model(CONFIGS[name]["timm"], pretrained=False, **timm_kwargs(name, num_classes=1000))
 
 
 def build_candidates(name: str, dtype: torch.dtype, device, compile_modes=()) -> dict:

@@ -1,6 +1,7 @@
 """Timers, the card's measured peaks, device info and result files."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import pathlib
@@ -79,11 +80,9 @@ def device_info() -> dict:
     if on_gpu():
         props = torch.cuda.get_device_properties(0)
         driver = None
-        try:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
             driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                     capture_output=True, text=True, timeout=30).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            pass
         info.update(gpu=props.name, sm_count=props.multi_processor_count, cuda=torch.version.cuda, driver=driver)
     else:
         info.update(gpu=None, note="CPU run (Triton interpreter / PyTorch fallback): not GPU performance")

@@ -24,7 +24,7 @@ def accelerate(model: nn.Module) -> nn.Module:
 
     Recognized: ``vit_kernels.ViT`` and already-wrapped models (returned as they are);
     ``vit_kernels.reference.ViT`` and the tutorial's own einops ``ViT`` (recognized by structure;
-    → ``vit_kernels.ViT``, keeping ``scaling``: ``"seed"`` for the tutorial); a timm ``VisionTransformer``
+    → ``vit_kernels.ViT``, keeping ``scaling``: ``"tutorial"`` for the tutorial); a timm ``VisionTransformer``
     (→ ``from_timm``); a torchvision ``VisionTransformer`` (→ ``TorchvisionViT``); a Hugging Face
     ``ViTModel`` or ``ViTForImageClassification`` (→ ``HFViT``, same output classes).
 
@@ -104,10 +104,10 @@ def _tutorial_config(model) -> dict:
     fc1 = encoder[0][1].fn[1][0]
     if not isinstance(fc1, nn.Linear) or fc1.out_features % E:
         _unsupported("an MLP hidden width that is not a multiple of emb_size")
-    scaling = getattr(attn, "scaling", "seed")
+    scaling = getattr(attn, "scaling", "tutorial")
     for i, block in enumerate(encoder):
         a, mlp = block[0].fn[1], block[1].fn[1]
-        if a.num_heads != attn.num_heads or getattr(a, "scaling", "seed") != scaling:
+        if a.num_heads != attn.num_heads or getattr(a, "scaling", "tutorial") != scaling:
             _unsupported(f"block {i}: num_heads/scaling differing between blocks")
         if getattr(a, "emb_size", E) != E:
             _unsupported(f"block {i}: attention emb_size {a.emb_size} != {E}")

@@ -41,7 +41,7 @@ def _unsupported(feature: str):
 class _Weights:
     """The (weight, bias) pair ``encoder_block`` reads, for the fused q/k/v parameters."""
 
-    __slots__ = ("weight", "bias")
+    __slots__ = ("bias", "weight")
 
     def __init__(self, weight, bias):
         self.weight, self.bias = weight, bias
@@ -50,8 +50,23 @@ class _Weights:
 class _Layer:
     """One ViTLayer's pieces, whichever transformers layout it uses."""
 
-    __slots__ = ("norm1", "q", "k", "v", "proj", "norm2", "fc1", "fc2", "attn", "num_heads", "head_dim", "scaling",
-                 "attn_drop", "proj_drop", "out_drop")
+    __slots__ = (
+        "attn",
+        "attn_drop",
+        "fc1",
+        "fc2",
+        "head_dim",
+        "k",
+        "norm1",
+        "norm2",
+        "num_heads",
+        "out_drop",
+        "proj",
+        "proj_drop",
+        "q",
+        "scaling",
+        "v",
+    )
 
     def __init__(self, layer):
         attn = layer.attention
@@ -175,8 +190,7 @@ class HFViT(SharedModel):
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             self._qkv_cache[i] = None
             return build()
-        key = (torch.is_inference_mode_enabled(),) + tuple(
-            (t._version, t.data_ptr(), t.dtype, t.device) for t in sources)
+        key = (torch.is_inference_mode_enabled(), *((t._version, t.data_ptr(), t.dtype, t.device) for t in sources))
         cached = self._qkv_cache[i]
         if cached is None or cached[0] != key:
             with torch.no_grad():
@@ -199,7 +213,7 @@ class HFViT(SharedModel):
         # resample). resample_pos_embed computes in float32 (HF in the table's dtype: equal for fp32 tables).
         p = emb.patch_embeddings.projection.kernel_size[0]
         num_positions = pos.shape[0] - 1
-        side = int(round(num_positions ** 0.5))
+        side = round(num_positions ** 0.5)
         if side * side != num_positions:
             raise ValueError(f"interpolate_pos_encoding needs a square grid of positions, got {num_positions}")
         if height < p or width < p:

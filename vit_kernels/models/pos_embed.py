@@ -8,7 +8,7 @@ per (grid, dtype, device) so a model resamples once per image size, not once per
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

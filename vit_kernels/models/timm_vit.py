@@ -191,7 +191,7 @@ class TimmViT(SharedModel):
         pos = self._positions(grid)
         if pos is not None and not self.pos_on_prefix:
             tokens = tokens + pos
-        tokens = torch.cat(prefix + [tokens], dim=1) if prefix else tokens
+        tokens = torch.cat([*prefix, tokens], dim=1) if prefix else tokens
         if pos is not None and self.pos_on_prefix:
             tokens = tokens + pos
         tokens = m.norm_pre(m.patch_drop(m.pos_drop(tokens)))

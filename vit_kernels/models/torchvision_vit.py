@@ -38,7 +38,7 @@ def _gelu_mode(name: str, act) -> str:
 class _Weights:
     """The (weight, bias) pair ``encoder_block`` reads, for parameters that do not live in an nn.Linear."""
 
-    __slots__ = ("weight", "bias")
+    __slots__ = ("bias", "weight")
 
     def __init__(self, weight, bias):
         self.weight, self.bias = weight, bias

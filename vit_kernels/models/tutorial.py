@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops, reference
+from ..validate import check_image
 from ._fused import caster, check_matches_model, compute_dtype, drop_rate, encoder_block, explicit_dtypes
 from .pos_embed import PositionCache, image_grid
 
@@ -11,7 +12,7 @@ from .pos_embed import PositionCache, image_grid
 class ViT(reference.ViT):
     """``vit_kernels.reference.ViT`` (and so the tutorial's ViT) computed by the fused kernels.
 
-    Same constructor, defaults (``num_heads=8``, ``scaling="seed"``), module tree and state_dict keys, so
+    Same constructor, defaults (``num_heads=8``, ``scaling="tutorial"``), module tree and state_dict keys, so
     the tutorial's checkpoints load with ``strict=True``. ``last_backend`` says which path the last forward
     took: ``"triton"`` (the kernels) or ``"torch"`` (the same fused math in PyTorch: CPU tensors without
     ``TRITON_INTERPRET=1``). In train mode the three dropouts (``dropout`` on the attention probabilities,
@@ -43,7 +44,7 @@ class ViT(reference.ViT):
         if (self.dynamic_img_size and isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 4
                 and x.shape[1] == embed.in_channels and tuple(x.shape[2:]) != (embed.img_size,) * 2):
             return image_grid(x.shape[2], x.shape[3], embed.patch_size)
-        reference.check_image(x, embed.in_channels, embed.img_size)
+        check_image(x, embed.in_channels, embed.img_size)
         return (embed.img_size // embed.patch_size,) * 2
 
     def _positions(self, grid: tuple[int, int]) -> torch.Tensor:

@@ -4,7 +4,8 @@ qkv is the qkv GEMM's output [B, N, 3E]. Its feature axis is split either as the
 ``(h d qkv)`` (the q/k/v index fastest) or as timm's ``(qkv h d)``; both are just strides here. The output is
 [B, N, E] in ``(h d)`` order, ready for the projection GEMM. No N x N matrix is ever stored.
 
-Scalings: ``"seed"`` = softmax(QK^T) / sqrt(E) (the tutorial), ``"paper"`` = softmax(QK^T / sqrt(head_dim)).
+Scalings: ``"tutorial"`` = softmax(QK^T) / sqrt(E) (the seed tutorial's code; ``"seed"`` is its deprecated
+name), ``"paper"`` = softmax(QK^T / sqrt(head_dim)).
 Both are ``out_scale * softmax(qk_scale * QK^T) V``. A boolean mask (True = attend) broadcastable to
 [B, heads, N, N] is optional; a query row with no allowed key gets zeros. Dropout on the probabilities
 (``nn.Dropout`` after the softmax, as the tutorial and timm do) draws its mask from Philox on (seed, query,
@@ -13,73 +14,28 @@ key, batch * heads + head), so backward regenerates it; the softmax normalizer u
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..reference import attention_probabilities, check_mask, check_probability
-from ._common import (
-    Tuned,
+from ..validate import (
+    check_mask,
+    check_positive_int,
+    check_probability,
     check_sample_size,
     check_tensor,
-    config,
-    dispatcher_free,
-    dot_precision,
-    launch_grid,
-    new_output,
-    row_major,
-    use_kernels,
+    resolve_scaling,
 )
-from .dropout import apply_dropout, dropout_args, dropout_keep, new_seed
+from .dispatch import dispatch
+from .dropout import dropout_args, new_seed
+from .launch import Tuned, config, dot_precision, launch_grid, new_output, row_major
+from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
+from .tl_helpers import tl_allowed_keys, tl_apply_dropout, tl_dropout_keep, tl_qkv_bases, tl_query_tile
 
 LAYOUTS = ("h d qkv", "qkv h d")
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def qkv_bases(qkv_ptr, b, h, E, stride_b, offs_d, D: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Pointers to head h's q, k and v features of sample b, and the feature offsets of offs_d.
-    Compile-time feature strides keep address math cheap (and vectorized for the grouped layout)."""
-    if INTERLEAVED:  # (h d qkv): feature = (h * D + d) * 3 + s
-        q_base = qkv_ptr + b * stride_b + h * 3 * D
-        return q_base, q_base + 1, q_base + 2, offs_d * 3
-    q_base = qkv_ptr + b * stride_b + h * D  # (qkv h d): feature = s * E + h * D + d
-    return q_base, q_base + E, q_base + 2 * E, offs_d
-
-
-@triton.jit
-def allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK: tl.constexpr):
-    """[rows, cols] True where a query may attend a key: both in range and, with a mask, allowed by it.
-    mask_rows: [rows, 1] pointers to each query's mask row (the launcher makes the key axis contiguous)."""
-    ok = row_ok[:, None] & (cols[None, :] < N)
-    if HAS_MASK:
-        ok = ok & (tl.load(mask_rows + cols[None, :], mask=ok, other=0) != 0)
-    return ok
-
-
-@triton.jit
-def query_tile(qkv_ptr, mask_ptr, N, H, E, stride_b, stride_n, stride_mb, stride_mh, stride_mq, D: tl.constexpr,
-               INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's (batch x head, query tile) on a 1-D grid, query tiles of one (batch, head) adjacent (no
-    grid-axis limit, K/V stay hot in L2). Returns bh, the query rows and their in-range flags, the loaded Q
-    tile, the K and V bases with the feature offsets and mask, and each query row's mask pointer."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_M)
-    bh = pid // n_tiles
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    q_base, k_base, v_base, d_off = qkv_bases(qkv_ptr, b, h, E, stride_b, offs_d, D, INTERLEAVED)
-    row_ok = offs_m < N
-    q = tl.load(q_base + offs_m[:, None] * stride_n + d_off[None, :], mask=row_ok[:, None] & d_mask[None, :],
-                other=0.0)
-    mask_rows = mask_ptr + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mq
-    return bh, b, h, offs_m, row_ok, q, k_base, v_base, d_off, d_mask, mask_rows
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -89,7 +45,7 @@ def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, N, H, E, qk_scale
                           D: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                           STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh, b, h, offs_m, row_ok, q, k_base, v_base, d_off, d_mask, mask_rows = query_tile(
+    bh, b, h, offs_m, row_ok, q, k_base, v_base, d_off, d_mask, mask_rows = tl_query_tile(
         qkv_ptr, mask_ptr, N, H, E, stride_b, stride_n, stride_mb, stride_mh, stride_mq, D, INTERLEAVED, BLOCK_M,
         BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -105,7 +61,7 @@ def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, N, H, E, qk_scale
                       mask=col_ok[None, :] & d_mask[:, None], other=0.0)
         # log2(e) is folded into qk_scale: exp2 is the fast exponential
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION, out_dtype=tl.float32) * qk_scale
-        s = tl.where(allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK), s, float("-inf"))
+        s = tl.where(tl_allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # rows that have seen no allowed key yet keep m = -inf; subtract 0 there to avoid inf - inf
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -115,7 +71,7 @@ def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, N, H, E, qk_scale
         v = tl.load(v_base + cols[:, None] * stride_n + d_off[None, :],
                     mask=col_ok[:, None] & d_mask[None, :], other=0.0)
         if DROPOUT:
-            p = apply_dropout(p, seed, offs_m, cols, bh, dropout_p, keep_scale)
+            p = tl_apply_dropout(p, seed, offs_m, cols, bh, dropout_p, keep_scale)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION,
                                             out_dtype=tl.float32)
         m_i = m_new
@@ -129,12 +85,12 @@ def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, N, H, E, qk_scale
 
 
 @triton.jit
-def _probabilities(q, k, lse, mask_rows, row_ok, cols, N, qk_scale, HAS_MASK: tl.constexpr,
+def tl_probabilities(q, k, lse, mask_rows, row_ok, cols, N, qk_scale, HAS_MASK: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
     """Recomputed softmax probabilities P [rows, cols] from the saved log-sum-exp (0 where masked)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=tl.float32) * qk_scale
     p = tl.exp2(s - lse[:, None])
-    return tl.where(allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK), p, 0.0)
+    return tl.where(tl_allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK), p, 0.0)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -158,8 +114,8 @@ def _attention_bwd_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dqkv_pt
     h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    q_base, k_base, v_base, d_off = qkv_bases(qkv_ptr, b, h, E, stride_b, offs_d, D, INTERLEAVED)
-    gq_base, gk_base, gv_base, _ = qkv_bases(dqkv_ptr, b, h, E, stride_gb, offs_d, D, INTERLEAVED)
+    q_base, k_base, v_base, d_off = tl_qkv_bases(qkv_ptr, b, h, E, stride_b, offs_d, D, INTERLEAVED)
+    gq_base, gk_base, gv_base, _ = tl_qkv_bases(dqkv_ptr, b, h, E, stride_gb, offs_d, D, INTERLEAVED)
     do_base = do_ptr + b * stride_dob + h * D
     stats = bh.to(tl.int64) * N
     mask_head = mask_ptr + b * stride_mb + h * stride_mh
@@ -180,10 +136,10 @@ def _attention_bwd_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dqkv_pt
             kv_mask = (cols[:, None] < N) & d_mask[None, :]
             k = tl.load(k_base + cols[:, None] * stride_n + d_off[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_n + d_off[None, :], mask=kv_mask, other=0.0)
-            p = _probabilities(q, k, lse, mask_rows, tile_ok, cols, N, qk_scale, HAS_MASK, DOT_PRECISION)
+            p = tl_probabilities(q, k, lse, mask_rows, tile_ok, cols, N, qk_scale, HAS_MASK, DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=tl.float32) * out_scale
             if DROPOUT:
-                dp = apply_dropout(dp, seed, tile, cols, bh, dropout_p, keep_scale)
+                dp = tl_apply_dropout(dp, seed, tile, cols, bh, dropout_p, keep_scale)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         tl.store(gq_base + tile[:, None] * stride_gn + d_off[None, :], (dq * score_scale).to(
@@ -204,10 +160,10 @@ def _attention_bwd_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dqkv_pt
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)
             mask_rows = mask_head + rows[:, None].to(tl.int64) * stride_mq
-            p = _probabilities(q, k, lse, mask_rows, row_ok, tile, N, qk_scale, HAS_MASK, DOT_PRECISION)
+            p = tl_probabilities(q, k, lse, mask_rows, row_ok, tile, N, qk_scale, HAS_MASK, DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=tl.float32) * out_scale
             if DROPOUT:
-                keep = dropout_keep(seed, rows, tile, bh, dropout_p)
+                keep = tl_dropout_keep(seed, rows, tile, bh, dropout_p)
                 dv = tl.dot(tl.trans(tl.where(keep, p * keep_scale, 0.0).to(do.dtype)), do, dv,
                             input_precision=DOT_PRECISION, out_dtype=tl.float32)
                 dp = tl.where(keep, dp * keep_scale, 0.0)
@@ -220,6 +176,7 @@ def _attention_bwd_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dqkv_pt
         tl.store(gv_base + tile[:, None] * stride_gn + d_off[None, :], (dv * out_scale).to(
             dqkv_ptr.dtype.element_ty), mask=kv_mask)
 
+
 def forward_fits(meta: dict, flags: dict) -> bool:
     """Forward tilings that compile spill-free (compile check, sm_80/sm_90): 128-wide key tiles spill with a
     mask tile, head_dim > 64 or dropout's Philox."""
@@ -227,8 +184,12 @@ def forward_fits(meta: dict, flags: dict) -> bool:
     return meta["BLOCK_N"] <= 64 or not heavy
 
 
+ATTENTION_TYPES = {"mask_ptr": "*i1", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "qk_scale": "fp32",
+                   "out_scale": "fp32", "score_scale": "fp32", "dropout_p": "fp32", "keep_scale": "fp32"}
+ALIGNED = ("stride_b", "stride_n", "stride_ob", "stride_on", "E")
+
 ATTENTION = Tuned(
-    _attention_fwd_kernel,
+    "attention", _attention_fwd_kernel,
     configs=[
         config(4, 3, BLOCK_M=64, BLOCK_N=64),
         config(8, 3, BLOCK_M=128, BLOCK_N=64),
@@ -238,11 +199,13 @@ ATTENTION = Tuned(
     key=["N", "D", "HAS_MASK", "INTERLEAVED", "DROPOUT"],
     interpret_config=dict(BLOCK_M=32, BLOCK_N=32),
     keep=lambda meta, flags: forward_fits(meta, flags),
+    arg_types=ATTENTION_TYPES, aligned=ALIGNED,
+    quiet_fp=("divide",),  # log2(0) of out-of-range query rows, stored masked
 )
 
 
 ATTENTION_BACKWARD = Tuned(
-    _attention_bwd_kernel,
+    "attention_backward", _attention_bwd_kernel,
     # the three tilings that compile spill-free for every variant on sm_80 and sm_90 (4-warp 64x64 spills);
     # untuned on a GPU so far
     configs=[config(8, 2, BLOCK_M=32, BLOCK_N=64), config(8, 2, BLOCK_M=64, BLOCK_N=32),
@@ -251,17 +214,23 @@ ATTENTION_BACKWARD = Tuned(
     interpret_config=dict(BLOCK_M=32, BLOCK_N=32),
     # the stride-3 (h d qkv) gathers spill in the other two tilings (sm_80: 64x32, sm_90: 32x32)
     keep=lambda meta, flags: not flags.get("INTERLEAVED") or (meta["BLOCK_M"], meta["BLOCK_N"]) == (32, 64),
+    arg_types=ATTENTION_TYPES, aligned=ALIGNED,
 )
 
 
 def scales(scaling: str, E: int, D: int) -> tuple:
     """(qk_scale in log2 units, out_scale)."""
-    if scaling == "seed":
+    if scaling == "tutorial":
         return LOG2E, 1.0 / math.sqrt(E)
     return LOG2E / math.sqrt(D), 1.0
 
 
-def attention_launch(qkv, num_heads, layout, scaling, mask, dropout=0.0, seed=None):
+def head_tile(head_dim: int) -> int:
+    """BLOCK_D: the head dim rounded up to a power of two, at least 16 (tl.dot's smallest operand)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def attention_launch(qkv, mask, num_heads, layout, scaling, dropout=0.0, seed=None):
     """(out [B, N, E], the fp32 log2-domain log-sum-exp [B * heads, N] that backward needs). ``mask`` is None or
     already prepared by ``contiguous_key_mask``; ``dropout`` > 0 needs a ``new_seed()`` tensor."""
     qkv = row_major(qkv)
@@ -273,12 +242,12 @@ def attention_launch(qkv, num_heads, layout, scaling, mask, dropout=0.0, seed=No
     if B * N:
         qk_scale, out_scale = scales(scaling, E, D)
         ATTENTION.launch(
-            "attention", None, lambda meta: attention_grid(B, num_heads, N, meta["BLOCK_M"]),
+            lambda meta: attention_grid(B, num_heads, N, meta["BLOCK_M"]),
             qkv, qkv if mask is None else mask, out, lse, N, num_heads, E, qk_scale, out_scale,
             *dropout_args(dropout, seed), qkv.stride(0), qkv.stride(1), *mask_strides(mask), out.stride(0),
             out.stride(1), D=D, INTERLEAVED=layout == "h d qkv", HAS_MASK=mask is not None, DROPOUT=dropout > 0,
             STORE_LSE=True, DOT_PRECISION=dot_precision(qkv.dtype),
-            BLOCK_D=max(16, triton.next_power_of_2(D)))
+            BLOCK_D=head_tile(D))
     return out, lse
 
 
@@ -296,13 +265,12 @@ def attention_backward(dout, qkv, out, lse, mask, num_heads, layout, scaling, dr
     qk_scale, out_scale = scales(scaling, E, D)
     for dq in (False, True):
         ATTENTION_BACKWARD.launch(
-            "attention_backward", None,
             lambda meta, dq=dq: attention_grid(B, num_heads, N, meta["BLOCK_M" if dq else "BLOCK_N"]),
             qkv, dout, lse, delta, qkv if mask is None else mask, dqkv, N, num_heads, E, qk_scale,
             out_scale, qk_scale / LOG2E, *dropout_args(dropout, seed), qkv.stride(0), qkv.stride(1),
             *mask_strides(mask), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1), D=D,
             INTERLEAVED=layout == "h d qkv", HAS_MASK=mask is not None, DROPOUT=dropout > 0, DQ=dq,
-            DOT_PRECISION=dot_precision(qkv.dtype), BLOCK_D=max(16, triton.next_power_of_2(D)))
+            DOT_PRECISION=dot_precision(qkv.dtype), BLOCK_D=head_tile(D))
     return dqkv
 
 
@@ -328,11 +296,11 @@ def mask_strides(mask) -> tuple:
 
 
 @torch.library.custom_op("vit_kernels::attention", mutates_args=())
-def attention_op(qkv: torch.Tensor, mask: Optional[torch.Tensor], num_heads: int, layout: str,
-                 scaling: str, dropout: float = 0.0, seed: Optional[torch.Tensor] = None
+def attention_op(qkv: torch.Tensor, mask: torch.Tensor | None, num_heads: int, layout: str,
+                 scaling: str, dropout: float = 0.0, seed: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, log-sum-exp) as a torch.library op; ``mask`` prepared by ``contiguous_key_mask``."""
-    return attention_launch(qkv, num_heads, layout, scaling, mask, dropout, seed)
+    return attention_launch(qkv, mask, num_heads, layout, scaling, dropout, seed)
 
 
 @attention_op.register_fake
@@ -343,8 +311,8 @@ def _(qkv, mask, num_heads, layout, scaling, dropout=0.0, seed=None):
 
 @torch.library.custom_op("vit_kernels::attention_backward", mutates_args=())
 def attention_backward_op(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                          mask: Optional[torch.Tensor], num_heads: int, layout: str, scaling: str,
-                          dropout: float = 0.0, seed: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          mask: torch.Tensor | None, num_heads: int, layout: str, scaling: str,
+                          dropout: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
     return attention_backward(dout, qkv, out, lse, mask, num_heads, layout, scaling, dropout, seed)
 
 
@@ -378,16 +346,27 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, layout: str):
     return parts[0], parts[1], parts[2]
 
 
-def attention_torch_probabilities(qkv, num_heads, layout="h d qkv", scaling="seed", mask=None):
-    """softmax(qk_scale * Q K^T), [B, heads, N, N], in fp32 or fp64 for a float64 oracle (the PyTorch path;
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over keys that the kernels compute: masked keys get 0 and a row with no allowed key is all zeros
+    (its normalizer is 0: divided by 1 instead), finite in backward too; NaN/Inf propagate from allowed keys."""
+    if mask is None:
+        return torch.softmax(scores, dim=-1)
+    scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
+    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * mask
+    total = weights.sum(dim=-1, keepdim=True)
+    return weights / torch.where(total == 0, 1.0, total)
+
+
+def attention_torch_probabilities(qkv, num_heads, layout="h d qkv", scaling="tutorial", mask=None):
+    """softmax(qk_scale * Q K^T), [B, heads, N, N], in fp32 or fp64 for a float64 input (the PyTorch path;
     0 where masked)."""
     q, k, _ = split_qkv(qkv, num_heads, layout)
     E = qkv.shape[2] // 3
     energy = torch.matmul(q, k.transpose(-1, -2)) * (scales(scaling, E, E // num_heads)[0] / LOG2E)
-    return attention_probabilities(energy.to(torch.promote_types(energy.dtype, torch.float32)), mask)
+    return masked_softmax(energy.to(torch.promote_types(energy.dtype, torch.float32)), mask)
 
 
-def attention_torch(qkv, num_heads, layout="h d qkv", scaling="seed", mask=None, dropout=0.0):
+def attention_torch(qkv, num_heads, layout="h d qkv", scaling="tutorial", mask=None, dropout=0.0):
     """The PyTorch fallback, same semantics (fully masked rows give zeros; dropout masks from torch's RNG)."""
     v = split_qkv(qkv, num_heads, layout)[2]
     B, N, E3 = qkv.shape
@@ -396,17 +375,17 @@ def attention_torch(qkv, num_heads, layout="h d qkv", scaling="seed", mask=None,
     return torch.matmul(att.to(v.dtype) * out_scale, v).transpose(1, 2).reshape(B, N, E3 // 3)
 
 
-def check_attention(qkv, num_heads, layout, scaling, mask, dropout=0.0):
+def check_attention(qkv, num_heads, layout, scaling, mask, dropout=0.0) -> str:
+    """Validates the arguments of ``attention`` / ``attention_probabilities``; returns the scaling's current
+    name (``"seed"`` is accepted with a DeprecationWarning)."""
     check_tensor("qkv", qkv, dims=3)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    check_positive_int("num_heads", num_heads)
     if qkv.shape[2] % (3 * num_heads):
         raise ValueError(f"qkv feature size {qkv.shape[2]} must be 3 * num_heads * head_dim "
                          f"(num_heads={num_heads})")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if scaling not in ("seed", "paper"):
-        raise ValueError(f"scaling must be 'seed' or 'paper', got {scaling!r}")
+    scaling = resolve_scaling(scaling, stacklevel=4)  # the warning points at the caller of the public op
     check_mask(mask, qkv.shape[0], num_heads, qkv.shape[1])
     check_probability("dropout", dropout)
     if mask is not None and mask.device != qkv.device:
@@ -415,21 +394,118 @@ def check_attention(qkv, num_heads, layout, scaling, mask, dropout=0.0):
     head_dim = qkv.shape[2] // 3 // num_heads
     if head_dim > 256:
         raise ValueError(f"head_dim {head_dim} exceeds the kernel's maximum of 256")
+    return scaling
 
 
-def attention(qkv: torch.Tensor, num_heads: int, layout: str = "h d qkv", scaling: str = "seed",
+def attention(qkv: torch.Tensor, num_heads: int, layout: str = "h d qkv", scaling: str = "tutorial",
               mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
     """Multi-head self-attention from a fused qkv buffer [B, N, 3E]; returns [B, N, E] in (h d) order.
 
-    layout: ``"h d qkv"`` (the tutorial's rearrange) or ``"qkv h d"`` (timm). scaling: ``"seed"`` or
+    layout: ``"h d qkv"`` (the tutorial's rearrange) or ``"qkv h d"`` (timm). scaling: ``"tutorial"`` or
     ``"paper"``. mask: optional bool, broadcastable to [B, heads, N, N], True = attend. dropout: the rate
     applied to the attention probabilities (0 compiles it out).
     """
-    check_attention(qkv, num_heads, layout, scaling, mask, dropout)
-    if not use_kernels(qkv, mask):
-        return attention_torch(qkv, num_heads, layout, scaling, mask, dropout)
-    prepared = None if mask is None else contiguous_key_mask(mask, qkv.shape[1])
-    seed = new_seed() if dropout else None
-    if dispatcher_free(qkv):
-        return attention_launch(qkv, num_heads, layout, scaling, prepared, float(dropout), seed)[0]
-    return attention_op(qkv, prepared, num_heads, layout, scaling, float(dropout), seed)[0]
+    scaling = check_attention(qkv, num_heads, layout, scaling, mask, dropout)
+    return dispatch((qkv, mask), lambda: attention_torch(qkv, num_heads, layout, scaling, mask, dropout),
+                    attention_op, attention_launch,
+                    lambda: (qkv, None if mask is None else contiguous_key_mask(mask, qkv.shape[1]), num_heads, layout,
+                             scaling, float(dropout), new_seed() if dropout else None),
+                    finish=lambda out: out[0])
+
+
+# --- registry entry ----------------------------------------------------------------------------------------
+FORWARD_VARIANTS = tuple(  # dropout variants at head_dim 64, both layouts
+    dict(HAS_MASK=mask, D=d, BLOCK_D=head_tile(d), INTERLEAVED=inter, STORE_LSE=lse, DROPOUT=drop,
+         DOT_PRECISION="tf32")
+    for d in (16, 24, 64, 80, 128) for mask in (False, True) for inter in (False, True) for lse in (False, True)
+    for drop in (False, True)
+    if (d == 64 or not (mask or inter)) and (not lse or d in (64, 80)) and (not drop or (d == 64 and lse)))
+BACKWARD_VARIANTS = tuple(
+    dict(HAS_MASK=mask, D=d, BLOCK_D=head_tile(d), INTERLEAVED=inter, DQ=dq, DROPOUT=drop, DOT_PRECISION="tf32")
+    for d in (24, 64, 80, 128) for mask in (False, True) for inter in (False, True) for dq in (False, True)
+    for drop in (False, True)
+    if (d == 64 or not (mask or inter)) and (not drop or (d == 64 and not mask)))
+
+
+def sample_mask(batch: int, tokens: int, device) -> torch.Tensor:
+    """A random [batch, 1, N, N] key mask (about 70% allowed), some rows likely empty."""
+    return torch.rand(batch, 1, tokens, tokens).to(device) > 0.3
+
+
+def _opcheck_samples(device):
+    def r(*shape):
+        return randn(*shape, device=device, grad=True)
+
+    mask = contiguous_key_mask(sample_mask(2, 9, device), 9)
+    qkv = r(2, 9, 3 * 2 * 16)
+    out, lse = attention_op(qkv.detach(), None, 2, "qkv h d", "paper")
+    return [
+        (attention_op, (qkv, None, 2, "qkv h d", "paper")),
+        (attention_op, (r(2, 9, 3 * 2 * 16), mask, 2, "h d qkv", "tutorial")),
+        (attention_op, (r(2, 9, 3 * 2 * 16), mask, 2, "h d qkv", "tutorial", 0.3, new_seed())),
+        (attention_backward_op, (randn(2, 9, 32, device=device), qkv.detach(), out, lse, None, 2, "qkv h d",
+                                 "paper")),
+    ]
+
+
+def _grad_cases(device):
+    cases = []
+    for layout, scaling, masked, p in (("qkv h d", "paper", False, 0.0), ("h d qkv", "tutorial", True, 0.0),
+                                       ("qkv h d", "paper", True, 0.3)):
+        mask = contiguous_key_mask(sample_mask(2, 7, device), 7) if masked else None
+        seed = new_seed()  # fixed: finite differences need a deterministic function
+        cases.append(GradCase(
+            f"{layout} {scaling} mask={masked} dropout={p}",
+            lambda qkv, layout=layout, scaling=scaling, mask=mask, p=p, seed=seed: attention_op(
+                qkv, mask, 2, layout, scaling, p, seed)[0],
+            (randn(2, 7, 3 * 2 * 16, device=device, scale=0.5, grad=True),)))
+    return cases
+
+
+def _examples(device, dtype, batch):
+    qkv = randn(batch, 11, 3 * 3 * 8, device=device, dtype=dtype)
+    return [((qkv, 3), dict(layout="h d qkv", scaling="tutorial")),
+            ((qkv, 3), dict(layout="qkv h d", scaling="paper", mask=sample_mask(batch, 11, device)))]
+
+
+def _bench(size, batch, dtype, device):
+    n, h, d = (size["img"] // size["patch"]) ** 2 + 1, size["heads"], size["emb"] // size["heads"]
+    qkv = randn(batch, n, 3 * h * d, dtype=dtype, device=device)
+    q, k, v = split_qkv(qkv, h, "qkv h d")
+
+    def merge(o):
+        return o.transpose(1, 2).reshape(batch, n, h * d)
+
+    def einsum():  # the tutorial's formulation, paper scaling
+        att = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d), dim=-1)
+        return merge(torch.einsum("bhqk,bhkd->bhqd", att, v))
+
+    baselines = {"einsum (tutorial)": einsum}
+    if qkv.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for label, backend in [("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa efficient",
+                               SDPBackend.EFFICIENT_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION),
+                               ("sdpa math", SDPBackend.MATH)]:
+            def pinned(backend=backend):
+                with sdpa_kernel(backend):
+                    return merge(F.scaled_dot_product_attention(q, k, v))
+            baselines[label] = pinned
+    else:
+        baselines["sdpa"] = lambda: merge(F.scaled_dot_product_attention(q, k, v))
+    yield BenchCase(lambda: attention(qkv, h, "qkv h d", "paper"), baselines, flops=4 * batch * h * n * n * d)
+
+
+register(OpSpec(
+    name="attention",
+    fn=attention,
+    summary="flash attention (online softmax, no N x N matrix) reading the fused qkv buffer in place, both qkv "
+            "layouts, both scalings, odd token counts, any head_dim <= 256, optional boolean mask, dropout on "
+            "the probabilities",
+    kernels=(KernelGrid(ATTENTION, FORWARD_VARIANTS), KernelGrid(ATTENTION_BACKWARD, BACKWARD_VARIANTS)),
+    custom_ops=(attention_op, attention_backward_op),
+    opcheck_samples=_opcheck_samples,
+    grad_cases=_grad_cases,
+    examples=_examples,
+    bench=_bench,
+))

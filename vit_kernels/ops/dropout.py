@@ -2,8 +2,8 @@
 
 Whether an element survives depends only on (seed, row, column, stream). The kernels that drop something
 (the GEMM epilogue, the attention tile, this standalone kernel) draw the mask where they produce the
-values, and backward regenerates the very same mask from the saved seed. A surviving element is scaled by
-1 / (1 - p), as ``nn.Dropout`` does.
+values (``tl_helpers.tl_dropout_keep``), and backward regenerates the very same mask from the saved seed. A
+surviving element is scaled by 1 / (1 - p), as ``nn.Dropout`` does.
 
 Seeds are CPU int64 tensors drawn from PyTorch's default generator (``new_seed``): ``torch.manual_seed``
 makes dropout reproducible, no GPU sync is needed to read them, and torch.compile traces the draw like any
@@ -16,39 +16,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..reference import check_probability
-from ._common import (
-    Tuned,
-    check_tensor,
-    config,
-    dispatcher_free,
-    launch_grid,
-    new_output,
-    row_major,
-    use_kernels,
-)
-
-
-@triton.jit
-def dropout_keep(seed, rows, cols, stream, p):
-    """[R, C] True where element (rows[r], cols[c]) of ``stream`` survives dropout at rate p.
-    rows: int32 indices; cols: contiguous int32 indices starting at a multiple of 4 (every tile here).
-    One Philox call, counter (col // 4, row, stream, 0), gives the four words of columns 4q .. 4q + 3:
-    a quarter of the rounds of one call per element."""
-    R: tl.constexpr = rows.shape[0]
-    C: tl.constexpr = cols.shape[0]
-    quads = tl.min(tl.reshape(cols, (C // 4, 4)), axis=1) // 4
-    zero = rows[:, None] * 0 + quads[None, :] * 0
-    w0, w1, w2, w3 = tl.random.philox(seed, quads[None, :] + zero, rows[:, None] + zero, zero + stream, zero)
-    # [R, C/4, 2, 2] with [.., a, b] = word 2a + b, flattened in order: column 4q + k gets word k
-    bits = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (R, C))
-    return tl.random.uint_to_uniform_float(bits) >= p
-
-
-@triton.jit
-def apply_dropout(x, seed, rows, cols, stream, p, keep_scale):
-    """x [R, C] (fp32) with dropped elements zeroed and survivors scaled by keep_scale = 1 / (1 - p)."""
-    return tl.where(dropout_keep(seed, rows, cols, stream, p), x * keep_scale, 0.0)
+from ..validate import check_probability, check_tensor
+from .dispatch import dispatch
+from .launch import Tuned, config, launch_grid, new_output, row_major
+from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
+from .tl_helpers import tl_apply_dropout
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -59,15 +31,17 @@ def _dropout_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_om, seed, p, keep_sc
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = apply_dropout(x, seed, rows, cols, 0, p, keep_scale)
+    y = tl_apply_dropout(x, seed, rows, cols, 0, p, keep_scale)
     tl.store(out_ptr + rows64 * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 DROPOUT = Tuned(
-    _dropout_kernel,
+    "dropout", _dropout_kernel,
     configs=[config(4, 1, BLOCK_M=16, BLOCK_N=128), config(8, 1, BLOCK_M=32, BLOCK_N=128)],
     key=["N"],
     interpret_config=dict(BLOCK_M=16, BLOCK_N=64),
+    arg_types={"p": "fp32", "keep_scale": "fp32"},
+    aligned=("stride_xm", "stride_om"),
 )
 
 
@@ -93,8 +67,7 @@ def dropout_launch(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tenso
     M, N = x.shape
     out = new_output((M, N), x.device, x.dtype)
     if M * N:
-        DROPOUT.launch("dropout", None, lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]),
-                                                                 triton.cdiv(N, meta["BLOCK_N"])),
+        DROPOUT.launch(lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])),
                        x, out, M, N, x.stride(0), out.stride(0), *dropout_args(p, seed))
     return out
 
@@ -133,8 +106,34 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dimension")
-    if not use_kernels(x):
-        return F.dropout(x, p)
     x2 = x.reshape(-1, x.shape[-1])
-    op = dropout_launch if dispatcher_free(x2) else dropout_op
-    return op(x2, new_seed(), float(p)).view(x.shape)
+    return dispatch((x,), lambda: F.dropout(x, p), dropout_op, dropout_launch, lambda: (x2, new_seed(), float(p)),
+                    finish=lambda out: out.view(x.shape))
+
+
+# --- registry entry ----------------------------------------------------------------------------------------
+def _bench(size, batch, dtype, device):
+    tokens = (size["img"] // size["patch"]) ** 2 + 1
+    x = randn(batch, tokens, size["emb"], device=device, dtype=dtype)
+    yield BenchCase(lambda: dropout(x, 0.1), {"F.dropout": lambda: F.dropout(x, 0.1)},
+                    nbytes=2 * x.numel() * x.element_size(), exact=False)
+
+
+def _grad_cases(device):
+    seed = new_seed()  # fixed: finite differences need a deterministic function
+    return [GradCase("p=0.4", lambda x: dropout_op(x, seed, 0.4), (randn(5, 24, device=device, grad=True),))]
+
+
+register(OpSpec(
+    name="dropout",
+    fn=dropout,
+    summary="standalone dropout (the embedding dropout of timm/torchvision/HF); masks from Philox, regenerated "
+            "in backward",
+    kernels=(KernelGrid(DROPOUT, ({},)),),
+    custom_ops=(dropout_op,),
+    opcheck_samples=lambda device: [(dropout_op, (randn(6, 40, device=device, grad=True), new_seed(), 0.4))],
+    grad_cases=_grad_cases,
+    examples=lambda device, dtype, batch: [((randn(batch, 7, 36, device=device, dtype=dtype), 0.3), {})],
+    bench=_bench,
+    random=True,
+))

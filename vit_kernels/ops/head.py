@@ -5,24 +5,17 @@ start = number of prefix tokens) or ``"token"`` (the single token at ``start``: 
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    check_sample_size,
-    check_tensor,
-    dispatcher_free,
-    launch_grid,
-    new_output,
-    record_launch,
-    row_major,
-    use_kernels,
-)
-from .layer_norm import MAX_WIDTH, check_layer_norm, layer_norm, layer_norm_backward_op, layer_norm_op, normalize_rows
+from ..validate import check_sample_size, check_tensor
+from .dispatch import dispatch
+from .launch import Sized, config, launch_grid, new_output, row_major
+from .layer_norm import MAX_WIDTH, WIDTHS, check_layer_norm, layer_norm, layer_norm_backward_op, layer_norm_op
 from .linear import linear
+from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
+from .tl_helpers import tl_normalize_rows
 
 POOLS = ("mean", "token")
 
@@ -47,29 +40,36 @@ def _pool_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, E, start, stride_b, stride_
         pooled = tl.load(base + start * stride_n + cols, mask=col_ok, other=0.0).to(tl.float32)
     pooled = pooled[None, :]
     if NORM:
-        pooled, _mean, _rstd = normalize_rows(pooled, cols, E, w_ptr, b_ptr, eps, HAS_WEIGHT, HAS_BIAS)
+        pooled, _mean, _rstd = tl_normalize_rows(pooled, cols, E, w_ptr, b_ptr, eps, HAS_WEIGHT, HAS_BIAS)
     tl.store(y_ptr + b * stride_yb + cols[None, :], pooled.to(y_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+def pool_norm_config(E: int) -> triton.Config:
+    """The whole width in one tile, token chunks of ~8K elements. 3 stages: Triton's default, which the launches
+    used before the configs were written down (unmeasured against 1)."""
+    block_e = triton.next_power_of_2(E)
+    return config(4 if block_e <= 2048 else 8, 3, BLOCK_N=max(1, min(64, 8192 // block_e)), BLOCK_E=block_e)
+
+
+POOL_NORM = Sized("pool_norm", _pool_norm_kernel, pool_norm_config, ("E",), arg_types={"eps": "fp32"},
+                  aligned=("stride_b", "stride_n", "stride_yb", "E"))
 
 
 def pool_norm_launch(x, pool, start, weight, bias, eps, norm):
     x = row_major(x)
     B, N, E = x.shape
     y = new_output((B, E), x.device, x.dtype)
-    if B == 0:
-        return y
-    block_e = triton.next_power_of_2(E)
-    record_launch("pool_norm")
-    _pool_norm_kernel[launch_grid(B)](
-        x, x if weight is None else weight, x if bias is None else bias, y, N, E, start,
-        x.stride(0), x.stride(1), y.stride(0), eps, MEAN=pool == "mean", NORM=norm,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=max(1, min(64, 8192 // block_e)), BLOCK_E=block_e, num_warps=4 if block_e <= 2048 else 8)
+    if B:
+        POOL_NORM.launch(lambda meta: launch_grid(B),
+                         x, x if weight is None else weight, x if bias is None else bias, y, N, E, start,
+                         x.stride(0), x.stride(1), y.stride(0), eps, MEAN=pool == "mean", NORM=norm,
+                         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, config=pool_norm_config(E))
     return y
 
 
 @torch.library.custom_op("vit_kernels::pool_norm", mutates_args=())
-def pool_norm_op(x: torch.Tensor, pool: str, start: int, weight: Optional[torch.Tensor],
-                 bias: Optional[torch.Tensor], eps: float, norm: bool) -> torch.Tensor:
+def pool_norm_op(x: torch.Tensor, pool: str, start: int, weight: torch.Tensor | None,
+                 bias: torch.Tensor | None, eps: float, norm: bool) -> torch.Tensor:
     return pool_norm_launch(x, pool, start, weight, bias, eps, norm)
 
 
@@ -121,11 +121,14 @@ def pool_tokens(x: torch.Tensor, pool: str = "mean", start: int = 0, weight: tor
         raise ValueError(f"width {x.shape[2]} exceeds the kernel's maximum {MAX_WIDTH}")
     if norm:
         check_layer_norm(x, weight, bias, eps)
-    if not use_kernels(x):
-        pooled = x[:, start:].mean(dim=1) if pool == "mean" else x[:, start]
-        return layer_norm(pooled, weight, bias, eps) if norm else pooled
-    op = pool_norm_launch if dispatcher_free(x, weight, bias) else pool_norm_op
-    return op(x, pool, start, weight, bias, float(eps), norm)
+    return dispatch((x,), lambda: pool_tokens_torch(x, pool, start, weight, bias, eps, norm), pool_norm_op,
+                    pool_norm_launch, lambda: (x, pool, start, weight, bias, float(eps), norm))
+
+
+def pool_tokens_torch(x, pool, start, weight, bias, eps, norm):
+    """The PyTorch fallback, same semantics."""
+    pooled = x[:, start:].mean(dim=1) if pool == "mean" else x[:, start]
+    return layer_norm(pooled, weight, bias, eps) if norm else pooled
 
 
 def classification_head(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,
@@ -133,3 +136,40 @@ def classification_head(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_
                         pool: str = "mean", start: int = 0, norm: bool = True) -> torch.Tensor:
     """pool -> LayerNorm -> Linear: the tutorial's head with the defaults, timm's with pool/start."""
     return linear(pool_tokens(x, pool, start, norm_weight, norm_bias, eps, norm), head_weight, head_bias)
+
+
+# --- registry entry ----------------------------------------------------------------------------------------
+def _bench(size, batch, dtype, device):
+    e, tokens = size["emb"], (size["img"] // size["patch"]) ** 2 + 1
+    x = randn(batch, tokens, e, device=device, dtype=dtype)
+    w, b = randn(e, device=device, dtype=dtype), randn(e, device=device, dtype=dtype)
+    yield BenchCase(lambda: pool_tokens(x, "mean", 1, w, b, 1e-6),
+                    {"mean+F.layer_norm": lambda: torch.nn.functional.layer_norm(x[:, 1:].mean(1), (e,), w, b, 1e-6)},
+                    nbytes=x.numel() * x.element_size(), label="mean")
+
+
+def _grad_cases(device):
+    return [GradCase(f"{pool} from {start}", lambda x, w, b, pool=pool, start=start: pool_norm_op(
+                x, pool, start, w, b, 1e-5, True),
+                tuple(randn(*shape, device=device, grad=True) for shape in ((2, 5, 24), (24,), (24,))))
+            for pool, start in (("mean", 1), ("token", 0))]
+
+
+register(OpSpec(
+    name="pool_tokens",
+    fn=pool_tokens,
+    summary="token mean or cls select + LayerNorm in one kernel (`ops.classification_head` adds the GEMM)",
+    kernels=(KernelGrid(POOL_NORM, tuple(dict(E=e, MEAN=mean, NORM=True, HAS_WEIGHT=True, HAS_BIAS=True)
+                                         for e in WIDTHS for mean in (True, False))),),
+    custom_ops=(pool_norm_op,),
+    opcheck_samples=lambda device: [
+        (pool_norm_op, (randn(2, 9, 24, device=device, grad=True), "mean", 1, randn(24, device=device, grad=True),
+                        randn(24, device=device, grad=True), 1e-5, True)),
+        (pool_norm_op, (randn(2, 9, 24, device=device, grad=True), "token", 0, None, None, 1e-5, False))],
+    grad_cases=_grad_cases,
+    examples=lambda device, dtype, batch: [
+        ((randn(batch, 9, 40, device=device, dtype=dtype), "mean", 1, randn(40, device=device, dtype=dtype),
+          randn(40, device=device, dtype=dtype), 1e-6), {}),
+        ((randn(batch, 9, 40, device=device, dtype=dtype), "token", 2), dict(norm=False))],
+    bench=_bench,
+))

@@ -1,38 +1,18 @@
 """LayerNorm over the last axis: fp32 mean/rstd (kept for backward), any width (masked), any eps."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (
-    check_tensor,
-    check_vector,
-    dispatcher_free,
-    launch_grid,
-    new_output,
-    record_launch,
-    row_major,
-    use_kernels,
-)
+from ..validate import check_tensor, check_vector
+from .dispatch import dispatch
+from .launch import Sized, config, launch_grid, new_output, row_major
+from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
+from .tl_helpers import tl_normalize_rows
 
-
-@triton.jit
-def normalize_rows(x, cols, E, w_ptr, b_ptr, eps, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """x: fp32 [ROWS, BLOCK_E] with zeros past E. Returns (y, mean, rstd); shared with the head kernel."""
-    col_mask = cols < E
-    mean = tl.sum(x, axis=1) / E
-    centered = tl.where(col_mask[None, :], x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / E + eps)
-    y = centered * rstd[:, None]
-    if HAS_WEIGHT:
-        y *= tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    return y, mean, rstd
+MAX_WIDTH = 65536  # one row lives in registers/shared memory
 
 
 @triton.jit
@@ -45,7 +25,7 @@ def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, E,
     mask = row_mask[:, None] & (cols[None, :] < E)
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    y, mean, rstd = normalize_rows(x, cols, E, w_ptr, b_ptr, eps, HAS_WEIGHT, HAS_BIAS)
+    y, mean, rstd = tl_normalize_rows(x, cols, E, w_ptr, b_ptr, eps, HAS_WEIGHT, HAS_BIAS)
     tl.store(y_ptr + rows64 * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=row_mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
@@ -67,7 +47,7 @@ def _layer_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_
     dw_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
     first = pid.to(tl.int64) * rows_per_program
-    for i in range(0, rows_per_program):
+    for i in range(rows_per_program):
         row = first + i
         ok = col_ok & (row < M)  # the last program's run may pass M: masked rows add zeros
         x = tl.load(x_ptr + row * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
@@ -83,15 +63,26 @@ def _layer_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_
     tl.store(db_part_ptr + pid * E + cols, db_acc, mask=col_ok)
 
 
-MAX_WIDTH = 65536  # one row lives in registers/shared memory
-
-
-def layer_norm_meta(E: int) -> dict:
+def forward_config(E: int) -> triton.Config:
     """Rows per program so a program handles ~4K elements; warps grow with the row width."""
     block_e = triton.next_power_of_2(E)
     rows = max(1, min(16, 4096 // block_e))
-    warps = min(16, max(1, block_e * rows // 512))
-    return dict(ROWS=rows, BLOCK_E=block_e, num_warps=warps)
+    return config(min(16, max(1, block_e * rows // 512)), 3, ROWS=rows, BLOCK_E=block_e)
+
+
+def backward_config(E: int) -> triton.Config:
+    """One row at a time, the whole width in one tile. 3 stages: Triton's default, which the launches used
+    before the configs were written down (unmeasured against 1)."""
+    block_e = triton.next_power_of_2(E)
+    return config(min(16, max(1, block_e // 256)), 3, BLOCK_E=block_e)
+
+
+STATS_TYPES = {"mean_ptr": "*fp32", "rstd_ptr": "*fp32", "eps": "fp32"}
+LAYER_NORM = Sized("layer_norm", _layer_norm_fwd_kernel, forward_config, ("E",), arg_types=STATS_TYPES,
+                   aligned=("stride_xm", "stride_ym", "E"))
+LAYER_NORM_BACKWARD = Sized("layer_norm_backward", _layer_norm_bwd_kernel, backward_config, ("E",),
+                            arg_types={**STATS_TYPES, "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32"},
+                            aligned=("stride_xm", "E"))
 
 
 def layer_norm_launch(x, weight, bias, eps):
@@ -101,13 +92,11 @@ def layer_norm_launch(x, weight, bias, eps):
     y = new_output((M, E), x.device, x.dtype)
     mean = new_output((M,), x.device, torch.float32)
     rstd = new_output((M,), x.device, torch.float32)
-    if M == 0:
-        return y, mean, rstd
-    meta = layer_norm_meta(E)
-    record_launch("layer_norm")
-    _layer_norm_fwd_kernel[launch_grid(triton.cdiv(M, meta["ROWS"]))](
-        x, x if weight is None else weight, x if bias is None else bias, y, mean, rstd, M, E,
-        x.stride(0), y.stride(0), eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **meta)
+    if M:
+        LAYER_NORM.launch(lambda meta: launch_grid(triton.cdiv(M, meta["ROWS"])),
+                          x, x if weight is None else weight, x if bias is None else bias, y, mean, rstd, M, E,
+                          x.stride(0), y.stride(0), eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                          config=forward_config(E))
     return y, mean, rstd
 
 
@@ -123,12 +112,10 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
     dw_part = torch.zeros((programs, E), device=x.device, dtype=torch.float32)
     db_part = torch.zeros((programs, E), device=x.device, dtype=torch.float32)
     if M:
-        record_launch("layer_norm_backward")
-        block_e = triton.next_power_of_2(E)
-        _layer_norm_bwd_kernel[launch_grid(programs)](
+        LAYER_NORM_BACKWARD.launch(
+            lambda meta: launch_grid(programs),
             dy, x, x if weight is None else weight, mean, rstd, dx, dw_part, db_part, M, E, rows_per_program,
-            dy.stride(0), x.stride(0), dx.stride(0), HAS_WEIGHT=weight is not None, BLOCK_E=block_e,
-            num_warps=min(16, max(1, block_e // 256)))
+            dy.stride(0), x.stride(0), dx.stride(0), HAS_WEIGHT=weight is not None, config=backward_config(E))
     wdtype = x.dtype if weight is None else weight.dtype
     return dx, dw_part.sum(0).to(wdtype), db_part.sum(0).to(wdtype)
 
@@ -140,7 +127,7 @@ def _sm_count(device) -> int:
 
 
 @torch.library.custom_op("vit_kernels::layer_norm", mutates_args=())
-def layer_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+def layer_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd) of a [M, E] input: a torch.library op, so torch.compile sees through it."""
     return layer_norm_launch(x, weight, bias, eps)
@@ -153,7 +140,7 @@ def _(x, weight, bias, eps):
 
 
 @torch.library.custom_op("vit_kernels::layer_norm_backward", mutates_args=())
-def layer_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
+def layer_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
                            rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return layer_norm_backward(dy, x, weight, mean, rstd)
 
@@ -195,8 +182,44 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last axis of ``x``; output in x's dtype, statistics in fp32."""
     check_layer_norm(x, weight, bias, eps)
-    if not use_kernels(x):
-        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     x2 = x.reshape(-1, x.shape[-1])
-    op = layer_norm_launch if dispatcher_free(x2, weight, bias) else layer_norm_op
-    return op(x2, weight, bias, float(eps))[0].view(x.shape)
+    return dispatch((x,), lambda: F.layer_norm(x, x.shape[-1:], weight, bias, eps), layer_norm_op,
+                    layer_norm_launch, lambda: (x2, weight, bias, float(eps)), finish=lambda out: out[0].view(x.shape))
+
+
+# --- registry entry ----------------------------------------------------------------------------------------
+WIDTHS = (192, 384, 768, 1024, 1280)  # ViT-Ti/S/B/L/H
+
+
+def _opcheck_samples(device):
+    x, w = randn(7, 24, device=device, grad=True), randn(24, device=device, grad=True)
+    _, mean, rstd = layer_norm_op(x.detach(), w.detach(), None, 1e-5)
+    return [(layer_norm_op, (x, w, randn(24, device=device, grad=True), 1e-5)),
+            (layer_norm_op, (randn(5, 33, device=device, grad=True), None, None, 1e-6)),
+            (layer_norm_backward_op, (randn(7, 24, device=device), x.detach(), w.detach(), mean, rstd))]
+
+
+def _bench(size, batch, dtype, device):
+    e, tokens = size["emb"], (size["img"] // size["patch"]) ** 2 + 1
+    x = randn(batch, tokens, e, device=device, dtype=dtype)
+    w, b = randn(e, device=device, dtype=dtype), randn(e, device=device, dtype=dtype)
+    yield BenchCase(lambda: layer_norm(x, w, b, 1e-6), {"F.layer_norm": lambda: F.layer_norm(x, (e,), w, b, 1e-6)},
+                    nbytes=2 * x.numel() * x.element_size())
+
+
+register(OpSpec(
+    name="layer_norm",
+    fn=layer_norm,
+    summary="LayerNorm with fp32 statistics, any width, any eps",
+    kernels=(KernelGrid(LAYER_NORM, tuple(dict(E=e, HAS_WEIGHT=True, HAS_BIAS=True) for e in WIDTHS)),
+             KernelGrid(LAYER_NORM_BACKWARD, tuple(dict(E=e, HAS_WEIGHT=True) for e in WIDTHS))),
+    custom_ops=(layer_norm_op, layer_norm_backward_op),
+    opcheck_samples=_opcheck_samples,
+    grad_cases=lambda device: [GradCase("weight+bias", lambda x, w, b: layer_norm_op(x, w, b, 1e-5)[0],
+                                        tuple(randn(*s, device=device, grad=True) for s in ((5, 37), (37,), (37,))))],
+    examples=lambda device, dtype, batch: [
+        ((randn(batch, 5, 37, device=device, dtype=dtype), randn(37, device=device, dtype=dtype),
+          randn(37, device=device, dtype=dtype)), {}),
+        ((randn(batch, 33, device=device, dtype=dtype), None, None, 1e-6), {})],
+    bench=_bench,
+))

@@ -7,42 +7,23 @@ are one kernel source. Dropout masks come from Philox on (seed, row, column): ba
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..reference import check_probability
-from ._common import (
-    Tuned,
-    check_device,
-    check_tensor,
-    check_vector,
-    config,
-    dispatcher_free,
-    dot_precision,
-    launch_grid,
-    new_output,
-    row_major,
-    use_kernels,
-)
-from .dropout import apply_dropout, dropout_args, dropout_op, new_seed
+from ..validate import check_device, check_probability, check_tensor, check_vector
+from .dispatch import dispatch
+from .dropout import dropout_args, dropout_op, new_seed
+from .launch import Tuned, config, dot_precision, launch_grid, new_output, row_major
+from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
+from .tl_helpers import tl_apply_dropout, tl_gelu
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 
 
 @triton.jit
-def gelu(x, APPROXIMATE_TANH: tl.constexpr):
-    if APPROXIMATE_TANH:
-        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        return 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))  # tanh(y) = 2 sigmoid(2y) - 1
-    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-
-
-@triton.jit
-def weight_row(n, N, DEINTERLEAVE: tl.constexpr):
+def tl_weight_row(n, N, DEINTERLEAVE: tl.constexpr):
     """Weight row feeding output column n: with G = DEINTERLEAVE > 1, column g * (N / G) + j reads row
     j * G + g, so the tutorial's (h d qkv) qkv weights produce a (qkv h d) output."""
     if DEINTERLEAVE > 1:
@@ -51,20 +32,20 @@ def weight_row(n, N, DEINTERLEAVE: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+def tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm, stride_om,
               seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
               DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BRANCH_SCALE: tl.constexpr,
               HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr):
     n_mask = offs_n < N
     if HAS_BIAS:
-        bias_idx = weight_row(offs_n % N, N, DEINTERLEAVE)
+        bias_idx = tl_weight_row(offs_n % N, N, DEINTERLEAVE)
         acc += tl.load(bias_ptr + bias_idx, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == "gelu":
-        acc = gelu(acc, False)
+        acc = tl_gelu(acc, False)
     elif ACTIVATION == "gelu_tanh":
-        acc = gelu(acc, True)
+        acc = tl_gelu(acc, True)
     if DROPOUT:  # indexed by output (row, column): the same mask whatever the tiling
-        acc = apply_dropout(acc, seed, offs_m, offs_n, 0, dropout_p, keep_scale)
+        acc = tl_apply_dropout(acc, seed, offs_m, offs_n, 0, dropout_p, keep_scale)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BRANCH_SCALE:  # stochastic depth: one factor per sample (0 or 1 / keep) over its rows
@@ -99,12 +80,12 @@ def _linear_kernel(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_p
     offs_k = tl.arange(0, BLOCK_K)
     # Out-of-range rows/columns wrap around so the main loop only masks K; the epilogue masks them.
     safe_m = (offs_m % M).to(tl.int64)
-    w_row = weight_row(offs_n % N, N, DEINTERLEAVE)
+    w_row = tl_weight_row(offs_n % N, N, DEINTERLEAVE)
     a_ptrs = a_ptr + safe_m[:, None] * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + w_row.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
@@ -116,14 +97,14 @@ def _linear_kernel(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_p
         # two column halves, one after the other: half the epilogue registers, so wide tiles do not spill
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         offs_half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-        _epilogue(left, offs_m, offs_half, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm,
+        tl_epilogue(left, offs_m, offs_half, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm,
                   stride_om, seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE,
                   HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
-        _epilogue(right, offs_m, offs_half + BLOCK_N // 2, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr,
+        tl_epilogue(right, offs_m, offs_half + BLOCK_N // 2, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr,
                   stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT,
                   HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
     else:
-        _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+        tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm, stride_om,
                   seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE,
                   HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
 
@@ -135,7 +116,7 @@ def training_epilogue_fits(meta: dict, flags: dict) -> bool:
 
 
 LINEAR = Tuned(
-    _linear_kernel,
+    "linear", _linear_kernel,
     configs=[
         # 128x256 needs the split epilogue to stay under 255 registers with GELU/scale/residual; 256x128
         # spills even split (sm_80, triton 3.6 ptxas) and measured no faster on H100 (benchmarks/NOTES.md)
@@ -150,10 +131,12 @@ LINEAR = Tuned(
     key=["M", "N", "K", "HAS_RESIDUAL", "ACTIVATION", "DROPOUT", "HAS_BRANCH_SCALE"],
     keep=lambda meta, flags: training_epilogue_fits(meta, flags),
     interpret_config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_EPILOGUE=True),
+    arg_types={"branch_ptr": "*fp32", "dropout_p": "fp32", "keep_scale": "fp32"},
+    aligned=("stride_am", "stride_wn", "stride_rm", "stride_om", "K"),
 )
 
 
-def _check(x, weight, bias, activation, scale, residual, deinterleave):
+def check_linear(x, weight, bias, activation, scale, residual, deinterleave):
     check_tensor("x", x, dims=2)
     check_tensor("weight", weight, dims=2, dtype=x.dtype)
     check_device("weight", weight, x.device)
@@ -189,7 +172,7 @@ def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=No
         return out
     dummy = x  # never read: its flag is off
     LINEAR.launch(
-        "linear", config, lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),
+        lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),
         x, weight, dummy if bias is None else bias, dummy if scale is None else scale,
         dummy if branch_scale is None else branch_scale, dummy if residual is None else residual, out, M, N, K,
         x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
@@ -197,7 +180,7 @@ def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=No
         1 if branch_scale is None else M // branch_scale.shape[0],
         HAS_BIAS=bias is not None, ACTIVATION=activation, DROPOUT=dropout > 0, HAS_SCALE=scale is not None,
         HAS_BRANCH_SCALE=branch_scale is not None, HAS_RESIDUAL=residual is not None, DEINTERLEAVE=deinterleave,
-        DOT_PRECISION=dot_precision(x.dtype))
+        DOT_PRECISION=dot_precision(x.dtype), config=config)
     return out
 
 
@@ -242,10 +225,10 @@ def linear_backward(dy, x, weight, bias, activation, scale, deinterleave, dropou
 
 
 @torch.library.custom_op("vit_kernels::linear", mutates_args=())
-def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: Optional[str],
-              scale: Optional[torch.Tensor], residual: Optional[torch.Tensor], deinterleave: int,
-              dropout: float = 0.0, seed: Optional[torch.Tensor] = None,
-              branch_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+              scale: torch.Tensor | None, residual: torch.Tensor | None, deinterleave: int,
+              dropout: float = 0.0, seed: torch.Tensor | None = None,
+              branch_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The fused GEMM on 2-D x as a torch.library op (torch.compile sees through it)."""
     return linear_launch(x, weight, bias, activation, scale, residual, deinterleave, dropout, seed, branch_scale)
 
@@ -290,6 +273,18 @@ def linear_torch(x, weight, bias=None, activation=None, scale=None, residual=Non
     return y if residual is None else residual + y
 
 
+def check_branch_scale(branch_scale, x) -> None:
+    if branch_scale is None:
+        return
+    if not isinstance(branch_scale, torch.Tensor) or branch_scale.dtype != torch.float32 or branch_scale.dim() != 1:
+        what = branch_scale.dtype if isinstance(branch_scale, torch.Tensor) else type(branch_scale).__name__
+        raise TypeError(f"branch_scale must be a 1-D float32 tensor, got {what}")
+    if x.dim() < 3 or branch_scale.shape[0] != x.shape[0]:
+        raise ValueError(f"branch_scale has {branch_scale.shape[0]} elements; it needs one per sample of x [B, N, K], "
+                         f"got x of shape {tuple(x.shape)}")
+    check_device("branch_scale", branch_scale, x.device)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
            scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
            deinterleave: int = 1, dropout: float = 0.0, branch_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -314,24 +309,101 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if residual is not None:
         check_tensor("residual", residual)
         res2 = residual.reshape(-1, residual.shape[-1]) if residual.shape[:-1] == lead else residual
-    _check(x2, weight, bias, activation, scale, res2, deinterleave)
+    check_linear(x2, weight, bias, activation, scale, res2, deinterleave)
     check_probability("dropout", dropout)
     check_branch_scale(branch_scale, x)
-    if not use_kernels(x):
-        return linear_torch(x, weight, bias, activation, scale, residual, deinterleave, dropout, branch_scale)
-    op = linear_launch if dispatcher_free(x2, weight, bias, scale, res2) else linear_op
-    seed = new_seed() if dropout else None
-    return op(x2, weight, bias, activation, scale, res2, deinterleave, float(dropout), seed, branch_scale).view(
-        *lead, weight.shape[0])
+    return dispatch(
+        (x,), lambda: linear_torch(x, weight, bias, activation, scale, residual, deinterleave, dropout, branch_scale),
+        linear_op, linear_launch,
+        lambda: (x2, weight, bias, activation, scale, res2, deinterleave, float(dropout),
+                 new_seed() if dropout else None, branch_scale),
+        finish=lambda out: out.view(*lead, weight.shape[0]))
 
 
-def check_branch_scale(branch_scale, x) -> None:
-    if branch_scale is None:
-        return
-    if not isinstance(branch_scale, torch.Tensor) or branch_scale.dtype != torch.float32 or branch_scale.dim() != 1:
-        what = branch_scale.dtype if isinstance(branch_scale, torch.Tensor) else type(branch_scale).__name__
-        raise TypeError(f"branch_scale must be a 1-D float32 tensor, got {what}")
-    if x.dim() < 3 or branch_scale.shape[0] != x.shape[0]:
-        raise ValueError(f"branch_scale has {branch_scale.shape[0]} elements; it needs one per sample of x [B, N, K], "
-                         f"got x of shape {tuple(x.shape)}")
-    check_device("branch_scale", branch_scale, x.device)
+# --- registry entry ----------------------------------------------------------------------------------------
+PLAIN = dict(HAS_BIAS=True, ACTIVATION=None, DROPOUT=False, HAS_SCALE=False, HAS_BRANCH_SCALE=False,
+             HAS_RESIDUAL=False, DEINTERLEAVE=1, DOT_PRECISION="tf32")
+VARIANTS = (
+    # proj / fc2: layer scale + residual, with dropout and stochastic depth on or off
+    *({**PLAIN, "DROPOUT": drop, "HAS_SCALE": True, "HAS_BRANCH_SCALE": branch, "HAS_RESIDUAL": True}
+      for drop in (False, True) for branch in (False, True)),
+    # fc1: GELU (erf or tanh), with dropout on or off
+    *({**PLAIN, "ACTIVATION": act, "DROPOUT": drop} for act in ("gelu", "gelu_tanh") for drop in (False, True)),
+    {**PLAIN, "DEINTERLEAVE": 3},  # the tutorial's qkv
+    {**PLAIN, "HAS_BIAS": False},
+)
+
+
+def _opcheck_samples(device):
+    def r(*shape):
+        return randn(*shape, device=device, grad=True)
+
+    return [
+        (linear_op, (r(9, 20), r(30, 20), r(30), "gelu", r(30), r(9, 30), 3)),
+        (linear_op, (r(4, 8), r(6, 8), None, None, None, None, 1)),
+        (linear_op, (r(9, 20), r(30, 20), r(30), "gelu", None, None, 1, 0.25, new_seed())),
+        (linear_op, (r(9, 20), r(30, 20), r(30), None, r(30), r(9, 30), 1, 0.25, new_seed())),
+        (linear_op, (r(9, 20), r(30, 20), r(30), None, r(30), r(9, 30), 1, 0.0, None,
+                     torch.tensor([0.0, 1.5, 1.5], device=device))),
+    ]
+
+
+def _grad_cases(device):
+    def r(*shape, scale=1.0):
+        return randn(*shape, device=device, scale=scale, grad=True)
+
+    cases = []
+    for activation, deinterleave, p in ((None, 3, 0.0), ("gelu", 1, 0.2), ("gelu_tanh", 1, 0.0)):
+        seed = new_seed()
+        cases.append(GradCase(
+            f"{activation} deinterleave={deinterleave} dropout={p}",
+            lambda x, w, b, s, res, a=activation, g=deinterleave, p=p, seed=seed: linear_op(x, w, b, a, s, res, g, p,
+                                                                                           seed),
+            (r(5, 16), r(24, 16, scale=0.3), r(24), r(24), r(5, 24))))
+    factors = torch.tensor([0.0, 1.6, 1.6], device=device)
+    cases.append(GradCase("stochastic depth",
+                          lambda x, w, s, res: linear_op(x, w, None, "gelu", s, res, 1, 0.0, None, factors),
+                          (r(6, 16), r(24, 16, scale=0.3), r(24), r(6, 24))))
+    return cases
+
+
+def _examples(device, dtype, batch):
+    def r(*shape, scale=1.0):
+        return randn(*shape, device=device, dtype=dtype, scale=scale)
+
+    x = r(batch, 5, 20)
+    return [((x, r(30, 20, scale=0.3), r(30)), dict(activation="gelu", scale=r(30), residual=r(batch, 5, 30))),
+            ((x, r(30, 20, scale=0.3)), dict(deinterleave=3)),
+            ((r(batch, 24), r(7, 24, scale=0.3), r(7)), dict(activation="gelu_tanh"))]
+
+
+def _bench(size, batch, dtype, device):
+    e = size["emb"]
+    m = batch * ((size["img"] // size["patch"]) ** 2 + 1)
+    for label, n, k, act, residual in [("qkv", 3 * e, e, None, False), ("proj+residual", e, e, None, True),
+                                       ("fc1+gelu", 4 * e, e, "gelu", False), ("fc2+residual", e, 4 * e, None, True)]:
+        x = randn(m, k, dtype=dtype, device=device)
+        w, b = randn(n, k, dtype=dtype, device=device, scale=k ** -0.5), randn(n, dtype=dtype, device=device)
+        r = randn(m, n, dtype=dtype, device=device) if residual else None
+
+        def eager(x=x, w=w, b=b, r=r, act=act):
+            y = F.linear(x, w, b)
+            y = F.gelu(y) if act else y
+            return y if r is None else y + r
+
+        yield BenchCase(lambda x=x, w=w, b=b, r=r, act=act: linear(x, w, b, activation=act, residual=r),
+                        {"F.linear+epilogue": eager}, flops=2 * m * n * k, label=label)
+
+
+register(OpSpec(
+    name="linear",
+    fn=linear,
+    summary="GEMM + bias + GELU (erf or tanh) + dropout + layer scale + stochastic depth + residual add, "
+            "autotuned; can write the tutorial's interleaved qkv as contiguous q/k/v",
+    kernels=(KernelGrid(LINEAR, VARIANTS),),
+    custom_ops=(linear_op,),
+    opcheck_samples=_opcheck_samples,
+    grad_cases=_grad_cases,
+    examples=_examples,
+    bench=_bench,
+))

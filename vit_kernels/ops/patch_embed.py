@@ -8,24 +8,15 @@ GEMM rows past them are the patches, with conv bias added. The position embeddin
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (
-    Tuned,
-    check_device,
-    check_tensor,
-    config,
-    dispatcher_free,
-    dot_precision,
-    launch_grid,
-    new_output,
-    use_kernels,
-)
+from ..validate import check_device, check_tensor
+from .dispatch import dispatch
+from .launch import Tuned, config, dot_precision, launch_grid, new_output
+from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 
 
 @triton.jit
@@ -87,7 +78,7 @@ def _patch_embed_kernel(img_ptr, w_ptr, bias_ptr, prefix_ptr, pos_ptr, out_ptr,
 
 
 PATCH_EMBED = Tuned(
-    _patch_embed_kernel,
+    "patch_embed", _patch_embed_kernel,
     configs=[  # 4-warp 128x128 and any 128x256 tile spill registers on sm_80/sm_90 (compile check)
         config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
         config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
@@ -96,6 +87,7 @@ PATCH_EMBED = Tuned(
     ],
     key=["M", "E", "K", "PATCH"],
     interpret_config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
+    aligned=("stride_wn", "E", "K"),
 )
 
 
@@ -111,7 +103,7 @@ def patch_embed_launch(img, weight, bias, prefix, pos, pos_on_prefix):
         return out
     w2 = weight.reshape(E, K)  # a view of the conv weight: (c, i, j) order
     PATCH_EMBED.launch(
-        "patch_embed", None, lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(E, meta["BLOCK_N"])),
+        lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(E, meta["BLOCK_N"])),
         img, w2, img if bias is None else bias, prefix if P else img, img if pos is None else pos, out,
         M, T, E, K, P, gw, *img.stride(), w2.stride(0), PATCH=p,
         HAS_BIAS=bias is not None, HAS_POS=pos is not None, POS_ON_PREFIX=pos_on_prefix,
@@ -137,8 +129,8 @@ def patch_embed_backward(dy, img, weight, prefix_rows, pos_on_prefix, needs):
 
 
 @torch.library.custom_op("vit_kernels::patch_embed", mutates_args=())
-def patch_embed_op(img: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], prefix: torch.Tensor,
-                   pos: Optional[torch.Tensor], pos_on_prefix: bool) -> torch.Tensor:
+def patch_embed_op(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prefix: torch.Tensor,
+                   pos: torch.Tensor | None, pos_on_prefix: bool) -> torch.Tensor:
     return patch_embed_launch(img, weight, bias, prefix, pos, pos_on_prefix)
 
 
@@ -209,9 +201,50 @@ def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     registers; P may be 0); pos [P + L, E] if ``pos_on_prefix`` else [L, E], or None. Returns [B, P + L, E].
     """
     check_patch_embed(img, weight, bias, prefix, pos, pos_on_prefix)
-    if not use_kernels(img):
-        return patch_embed_torch(img, weight, bias, prefix, pos, pos_on_prefix)
-    weight, prefix = weight.contiguous(), prefix.contiguous()
-    pos = None if pos is None else pos.contiguous()
-    op = patch_embed_launch if dispatcher_free(img, weight, bias, prefix, pos) else patch_embed_op
-    return op(img, weight, bias, prefix, pos, pos_on_prefix)
+    return dispatch((img,), lambda: patch_embed_torch(img, weight, bias, prefix, pos, pos_on_prefix), patch_embed_op,
+                    patch_embed_launch, lambda: (img, weight.contiguous(), bias, prefix.contiguous(),
+                                                 None if pos is None else pos.contiguous(), pos_on_prefix))
+
+
+# --- registry entry ----------------------------------------------------------------------------------------
+def _inputs(device, dtype=torch.float32, batch=2, grad=False):
+    """A 16 x 24 image (2 x 3 patches of 8), 3 channels, 8 features, one cls token, positions on every row."""
+    def r(*shape, scale=1.0):
+        return randn(*shape, device=device, dtype=dtype, scale=scale, grad=grad)
+
+    return r(batch, 3, 16, 24), r(8, 3, 8, 8, scale=0.2), r(8), r(1, 8), r(7, 8)
+
+
+def _bench(size, batch, dtype, device):
+    e, p, img = size["emb"], size["patch"], size["img"]
+    x = randn(batch, 3, img, img, dtype=dtype, device=device)
+    w, b = randn(e, 3, p, p, dtype=dtype, device=device, scale=0.05), randn(e, dtype=dtype, device=device)
+    cls, pos = randn(1, e, dtype=dtype, device=device), randn((img // p) ** 2 + 1, e, dtype=dtype, device=device)
+
+    def eager():
+        tokens = F.conv2d(x, w, b, stride=p).flatten(2).transpose(1, 2)
+        return torch.cat([cls.expand(batch, 1, e), tokens], dim=1) + pos
+
+    n = (img // p) ** 2
+    yield BenchCase(lambda: patch_embed(x, w, b, cls, pos), {"conv2d+cat+add": eager},
+                    flops=2 * batch * n * e * 3 * p * p, nbytes=(x.numel() + batch * (n + 1) * e) * x.element_size())
+
+
+register(OpSpec(
+    name="patch_embed",
+    fn=patch_embed,
+    summary="conv-as-GEMM reading patches straight from the NCHW image by strides + bias + cls/register tokens "
+            "+ position embedding",
+    kernels=(KernelGrid(PATCH_EMBED, tuple(
+        dict(PATCH=patch, HAS_BIAS=True, HAS_POS=True, POS_ON_PREFIX=on, DOT_PRECISION="tf32")
+        for patch in (8, 14, 16, 32) for on in (True, False) if on or patch == 16)),),
+    custom_ops=(patch_embed_op,),
+    opcheck_samples=lambda device: [(patch_embed_op, (*_inputs(device, grad=True), True))],
+    grad_cases=lambda device: [GradCase("cls + positions", lambda *args: patch_embed_op(*args, True),
+                                        _inputs(device, batch=1, grad=True))],
+    examples=lambda device, dtype, batch: [
+        (_inputs(device, dtype, batch), {}),
+        ((*_inputs(device, dtype, batch)[:3], randn(0, 8, device=device, dtype=dtype),
+          randn(6, 8, device=device, dtype=dtype)), dict(pos_on_prefix=False))],
+    bench=_bench,
+))

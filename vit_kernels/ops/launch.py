@@ -1,0 +1,151 @@
+"""Host-side launch helpers: kernel launchers (autotuned or sized by the problem), outputs, grids.
+
+A launcher couples a ``@triton.jit`` kernel with the name its launches are counted under and the way its
+meta-parameters (tile sizes, warps, stages) are chosen: ``Tuned`` autotunes over a bounded config list,
+``Sized`` derives one config from the problem size. Both list the exact configs that the sm_80/sm_90
+compile check walks (``compile_cases``), and the kernel's argument types that check needs.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+
+import torch
+import triton
+
+from .dispatch import INTERPRET, record_launch
+
+# Tests set VIT_KERNELS_POISON=1: outputs start as NaN, so any element a kernel fails to write shows up.
+POISON = os.environ.get("VIT_KERNELS_POISON", "0") == "1"
+
+MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0; axes 1 and 2 stop at 65,535
+MAX_GRID_YZ = 65535
+
+
+def config(num_warps: int, num_stages: int, **meta) -> triton.Config:
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+def new_output(shape, device, dtype) -> torch.Tensor:
+    """Allocate a kernel's output: uninitialized, or NaN-filled under VIT_KERNELS_POISON=1."""
+    if POISON:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def launch_grid(*dims: int) -> tuple:
+    """A launch grid, checked against CUDA's limits (every kernel here puts the large count on axis 0)."""
+    if dims[0] > MAX_GRID_X or any(d > MAX_GRID_YZ for d in dims[1:]):
+        raise ValueError(f"launch grid {dims} exceeds CUDA's limits ({MAX_GRID_X} on axis 0, {MAX_GRID_YZ} on "
+                         "axes 1 and 2)")
+    return dims
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products (PyTorch's default: TF32 off); 16-bit inputs are exact anyway."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """Kernels index rows by stride but need unit stride along the last (feature) axis."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class Kernel:
+    """A jit kernel, the name its launches are counted under, and its argument types for the compile check.
+
+    ``arg_types`` names the arguments that are not the defaults (``*_ptr``: a pointer to the data dtype,
+    anything else: int32), e.g. ``{"mean_ptr": "*fp32", "eps": "fp32"}``; ``aligned`` lists the int arguments
+    that are multiples of 16 in real ViT runs (Triton specializes those the same way).
+    ``quiet_fp`` lists the numpy floating-point warnings the interpreter raises for lanes the kernel
+    computes on purpose and masks out (e.g. ``"divide"`` for log2(0) of empty rows): silenced around its
+    launches only, not globally."""
+
+    def __init__(self, name: str, kernel, arg_types: dict | None = None, aligned=(), quiet_fp=()):
+        self.name = name
+        self.kernel = kernel
+        self.arg_types = dict(arg_types or {})
+        self.aligned = frozenset(aligned)
+        self.quiet_fp = tuple(quiet_fp)
+
+    def configs_for(self, variant: dict) -> list:
+        raise NotImplementedError
+
+    def compile_cases(self, variants) -> list:
+        """(label, constexprs, num_warps, num_stages) for every variant x config."""
+        cases = []
+        for variant in variants:
+            for cfg in self.configs_for(variant):
+                constexprs = {**{k: v for k, v in variant.items() if k in self.constexpr_names}, **cfg.kwargs}
+                label = f"{self.name}[{' '.join(f'{k}={v}' for k, v in {**cfg.kwargs, **variant}.items())}]"
+                cases.append((label, constexprs, cfg.num_warps, cfg.num_stages))
+        return cases
+
+    @property
+    def constexpr_names(self) -> set:
+        """From the signature (a jit kernel and its interpreted twin both keep the Python function)."""
+        parameters = inspect.signature(self.kernel.fn).parameters
+        return {name for name, p in parameters.items() if "constexpr" in str(p.annotation)}
+
+    def launch(self, grid, *args, config: triton.Config, **kwargs) -> None:
+        """``grid`` maps the config's meta-parameters to the launch grid."""
+        record_launch(self.name)
+        meta = dict(config.kwargs)
+        with self._quiet():
+            self.kernel[grid(meta)](*args, **kwargs, **meta, num_warps=config.num_warps,
+                                    num_stages=config.num_stages)
+
+    def _quiet(self):
+        if not (INTERPRET and self.quiet_fp):
+            return contextlib.nullcontext()
+        import numpy  # the interpreter computes with numpy
+
+        return numpy.errstate(**dict.fromkeys(self.quiet_fp, "ignore"))
+
+
+class Sized(Kernel):
+    """One config per problem size: ``choose(**sizes)`` returns it. In the compile check a variant names the
+    sizes (``size_keys``) next to the constexpr flags, e.g. ``dict(E=768, HAS_WEIGHT=True)``."""
+
+    def __init__(self, name, kernel, choose, size_keys, **kwargs):
+        super().__init__(name, kernel, **kwargs)
+        self.choose = choose
+        self.size_keys = tuple(size_keys)
+
+    def configs_for(self, variant: dict) -> list:
+        return [self.choose(**{k: variant[k] for k in self.size_keys})]
+
+
+class Tuned(Kernel):
+    """A jit kernel plus its bounded autotune configs.
+
+    On a GPU, launches go through ``triton.autotune`` keyed on the shape arguments; in the interpreter
+    (which cannot time anything) the fixed ``interpret_config`` is used. ``keep(meta, flags)`` drops configs
+    that a variant cannot use (e.g. tiles that would spill registers with a heavy epilogue); the sm_80/sm_90
+    compile check walks exactly ``configs_for(flags)``.
+    """
+
+    def __init__(self, name, kernel, configs, key, interpret_config: dict, keep=None, **kwargs):
+        super().__init__(name, kernel, **kwargs)
+        self.configs = configs
+        self.interpret_config = interpret_config
+        self.keep = keep or (lambda meta, flags: True)
+        self.tuned = triton.autotune(configs=configs, key=key, prune_configs_by={
+            "early_config_prune": lambda configs, named_args, **flags: self.configs_for(flags, configs)})(kernel)
+
+    def configs_for(self, flags: dict, configs=None) -> list:
+        return [c for c in (configs or self.configs) if self.keep(c.kwargs, flags)]
+
+    def launch(self, grid, *args, config: triton.Config | None = None, **kwargs) -> None:
+        """``config`` pins one config instead of autotuning, on a GPU and in the interpreter alike."""
+        if config is not None:
+            return super().launch(grid, *args, config=config, **kwargs)
+        record_launch(self.name)
+        with self._quiet():
+            if INTERPRET:
+                meta = dict(self.interpret_config)
+                self.kernel[grid(meta)](*args, **kwargs, **meta)
+            else:
+                self.tuned[grid](*args, **kwargs)
+        return None
