@@ -3,9 +3,27 @@ import pytest
 import torch
 
 from vit_kernels import ops
-from vit_kernels.ops.attention import attention_torch_probabilities
+from vit_kernels import reference as R
+from vit_kernels.ops.attention import attention_torch_probabilities, split_qkv
 
 from helpers import assert_matches, randn
+
+
+@pytest.mark.parametrize("scaling", ["tutorial", "paper"])
+def test_the_ops_softmax_is_the_oracles(scaling):
+    """The ops compute their own masked softmax (they never import the oracle); in fp64 it equals
+    reference.attention_probabilities, a row with no allowed key included, and its gradient stays finite."""
+    qkv = randn(2, 9, 3 * 2 * 8, dtype=torch.float64).requires_grad_()
+    mask = torch.rand(2, 1, 9, 9) > 0.5
+    mask[0, 0, 3] = False  # query 3 of sample 0 may attend nothing: zeros, not NaN
+    q, k, _ = split_qkv(qkv, 2, "qkv h d")
+    energy = q @ k.transpose(-1, -2) / (8 ** 0.5 if scaling == "paper" else 1.0)
+    expected = R.attention_probabilities(energy, mask)
+    got = attention_torch_probabilities(qkv, 2, "qkv h d", scaling, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    assert not got[0, :, 3].any()
+    (grad,) = torch.autograd.grad((got * torch.randn_like(got)).sum(), qkv)
+    assert torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("layout", ["h d qkv", "qkv h d"])
