@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from vit_kernels.ops.registry import randn  # noqa: F401  (re-exported: the tests' random inputs)
 from vit_kernels.tolerance import error_bound
 from vit_kernels.tolerance import max_error as max_err
 
@@ -20,5 +21,3 @@ def assert_matches(ours: torch.Tensor, torch_lowp, ref: torch.Tensor, *, fp32_to
     assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g}"
 
 
-def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float32) * scale).to(device=device, dtype=dtype)

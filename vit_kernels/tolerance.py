@@ -15,6 +15,12 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
+def agreement_limit(baseline: torch.Tensor, dtype: torch.dtype) -> float:
+    """How far a benchmark candidate may be from its baseline before its timing is refused: 1e-3 (fp32) or
+    5e-2 (16-bit) of max(1, |baseline|.max). A sanity check on what is timed, not an accuracy bound."""
+    return (1e-3 if dtype == torch.float32 else 5e-2) * max(1.0, baseline.float().abs().max().item())
+
+
 def error_bound(ours_dtype: torch.dtype, torch_lowp: torch.Tensor | None, reference: torch.Tensor,
                 fp32_rtol: float = 1e-4, floor: float = 1e-5) -> float:
     """The largest acceptable ``max_error(ours, reference)`` for a result computed in ``ours_dtype``.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tolerance import max_error
+from ..tolerance import agreement_limit, max_error
 from .models import CONFIGS, build_candidates, gflop_per_image
 from .timing import cuda_graph_ms, device_info, measured_peaks, on_gpu, time_ms
 
@@ -33,11 +33,9 @@ def run_e2e(models=("vit_b_16",), batches=(1, 8, 32, 64, 128, 256), dtype=torch.
                 outputs = {cand: model(x) for cand, (model, _) in here.items()}
                 for cand, (model, twin) in here.items():
                     err = None if twin is None else max_error(outputs[cand], outputs[twin])
-                    if err is not None:
-                        scale = max(1.0, outputs[twin].float().abs().max().item())
-                        limit = (1e-3 if dtype == torch.float32 else 5e-2) * scale
-                        if not err <= limit:
-                            raise AssertionError(f"{name} batch {batch}: {cand} differs from {twin} by {err:.3g}")
+                    if err is not None and not err <= agreement_limit(outputs[twin], dtype):
+                        raise AssertionError(f"{name} batch {batch}: {cand} differs from {twin} by {err:.3g}")
+
                     def forward(model=model, x=x):
                         return model(x)
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops.registry import BenchCase, randn, registered_ops
+from ..tolerance import agreement_limit, max_error
 from .models import CONFIGS
 from .timing import device_info, measured_peaks, on_gpu, time_ms
 
@@ -68,8 +69,7 @@ def _difference(ours: torch.Tensor, other: torch.Tensor, exact: bool) -> tuple:
     random ops the difference in the fraction of zeros (at most 0.02)."""
     if not exact:
         return abs((ours == 0).float().mean().item() - (other == 0).float().mean().item()), 0.02
-    scale = max(1.0, other.float().abs().max().item())
-    return (ours.float() - other.float()).abs().max().item(), (1e-3 if ours.dtype == torch.float32 else 5e-2) * scale
+    return max_error(ours, other), agreement_limit(other, ours.dtype)
 
 
 def _run_case(op: str, shape: str, case: BenchCase, compile_baselines: bool, peaks: dict, progress) -> list:

@@ -82,7 +82,7 @@ def registered_ops() -> list[OpSpec]:
     return list(_REGISTRY.values())
 
 
-def randn(*shape, device, dtype=torch.float32, scale=1.0, grad=False) -> torch.Tensor:
+def randn(*shape, device="cpu", dtype=torch.float32, scale=1.0, grad=False) -> torch.Tensor:
     """Sample inputs: normal values drawn in fp32 on the CPU (the same numbers on every device), never zero."""
     t = (torch.randn(*shape) * scale).to(device=device, dtype=dtype)
     return t.requires_grad_(grad)
