@@ -2,10 +2,12 @@
 import json
 
 import pytest
+import torch
 
-from vit_kernels import cli
+import vit_kernels
+from vit_kernels import cli, ops
 from vit_kernels.bench import HEADLINE_KEYS, on_gpu, run_ops
-from vit_kernels.bench.models import gflop_per_image
+from vit_kernels.bench.models import CONFIGS, build_candidates, gflop_per_image
 
 pytestmark = pytest.mark.skipif(on_gpu(), reason="the CPU version of the benchmarks; GPU runs are the campaign's")
 
@@ -25,6 +27,24 @@ def test_cpu_bench_writes_labelled_results(tmp_path, capsys):
     assert {r["op"] for r in ops["rows"]} == {"layer_norm", "attention"}
     assert all(r["gbps"] is None and r["tflops"] is None for r in ops["rows"])
     assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_timm_baseline_is_not_the_accelerated_model():
+    """from_timm patches in place: the benchmark's accelerated candidate is a copy, so the timm baseline (eager
+    and, on a GPU, compiled) still runs timm's own forward and the comparison is ours vs timm, not ours vs ours."""
+    candidates = build_candidates("tiny", torch.float32, "cpu")
+    timm_eager, (ours, twin) = candidates["timm eager (SDPA)"][0], candidates["ours (from_timm)"]
+    assert twin == "timm eager (SDPA)" and ours is not timm_eager
+    assert vit_kernels.is_accelerated(ours) and not vit_kernels.is_accelerated(timm_eager)
+    img = CONFIGS["tiny"]["img"]
+    x = torch.randn(2, 3, img, img)
+    with torch.no_grad():
+        ops.reset_launch_counts()
+        expected = timm_eager(x)
+        assert ops.launch_counts() == {}  # timm's own forward: no kernel
+        got = ours(x)
+        assert {"patch_embed", "layer_norm", "linear", "attention"} <= set(ops.launch_counts())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_on_cpu_is_refused(capsys):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from vit_kernels import __version__, cli
 
@@ -26,6 +27,18 @@ def test_verify_prints_a_passing_table_without_timm(capsys, monkeypatch):
     assert "timm is not installed" in out and "timm ViT" not in out
     assert "ViT (tutorial scaling)" in out and "ViT (paper scaling)" in out
     assert "FAIL" not in out and re.search(r"^\d+ passed, 0 failed$", out, re.M)
+
+
+def test_verify_with_timm_compares_against_timms_own_model():
+    """The timm rows compare the accelerated model with a separate, unpatched copy in fp64 (from_timm patches in
+    place; the fused model itself refuses float64) and report the kernels as the backend."""
+    pytest.importorskip("timm")
+    from vit_kernels import verify
+
+    rows = verify.run("tiny", batch=1, dtypes=[torch.float32], device="cpu", timm_models=True)
+    timm_rows = [r for r in rows if r.model.startswith("timm ViT")]
+    assert [r.model for r in timm_rows] == ["timm ViT (token pool)", "timm ViT (avg pool)"]
+    assert all(r.ok and r.backend == "triton" and r.error > 0 for r in rows), verify.format_table(rows)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 import vit_kernels
+from vit_kernels import ops
 from vit_kernels.configs import timm_kwargs
 from vit_kernels.models import factory
 
@@ -46,7 +47,8 @@ def test_pretrained_is_refused():
 @pytest.mark.parametrize("name", factory.supported_models())
 def test_every_supported_name_builds_on_meta(name):
     model = vit_kernels.create_model(name, device="meta")
-    assert isinstance(model, vit_kernels.TimmViT)
+    assert isinstance(model, timm.models.vision_transformer.VisionTransformer)  # timm's own model, patched
+    assert vit_kernels.is_accelerated(model)
     patch = int(name.split("_patch")[1].split("_")[0])
     size = int(name.rsplit("_", 1)[1])
     assert model.patch_embed.patch_size == (patch, patch) and model.patch_embed.img_size == (size, size)
@@ -95,8 +97,9 @@ def test_torchvision_checkpoint_matches_torchvision(tmp_path, suffix):
     model = vit_kernels.create_model("vit_tiny_patch16_224", checkpoint_path=path, **TINY, mlp_ratio=2.0).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
+        ops.reset_launch_counts()
         got = model(x)
-        assert model.last_backend == "triton"
+        assert {"patch_embed", "layer_norm", "linear", "attention"} <= set(ops.launch_counts())
         torch.testing.assert_close(got, source(x), **TOL)
 
 

@@ -1,4 +1,8 @@
-"""The drop-in fused ViT against the tutorial's code and the reference; from_timm against timm."""
+"""The drop-in fused ViT against the tutorial's code and the reference; from_timm against timm.
+
+``from_timm`` patches the timm model it is given in place and returns it, so every timm reference below is a
+``copy.deepcopy`` taken before accelerating (a deep copy of an unpatched model is unpatched)."""
+import copy
 import warnings
 
 import pytest
@@ -52,15 +56,19 @@ def test_matches_reference(scaling, masked, device):
         torch.testing.assert_close(fast(x, mask), ref(x, mask), rtol=1e-4, atol=1e-5)
 
 
-def test_fp16_within_twice_pytorch_error(device):
-    ref, fast = fused_twin(device=device, **ODD)
-    x = image(ODD, device=device)
+def assert_fp16_within_twice_pytorch_error(ref, fast, x):
+    """fp16 output of ``fast`` vs the fp64 ``ref``: within twice PyTorch's own fp16 error."""
     with torch.no_grad():
         expected = ref.double()(x.double())
         lowp_torch = ref.half()(x.half())
         got = fast.half()(x.half())
     assert got.dtype == torch.float16
     assert_matches(got, lowp_torch, expected)
+
+
+def test_fp16_within_twice_pytorch_error(device):
+    ref, fast = fused_twin(device=device, **ODD)
+    assert_fp16_within_twice_pytorch_error(ref, fast, image(ODD, device=device))
 
 
 def test_autocast_runs_in_the_autocast_dtype(device):
@@ -170,7 +178,7 @@ def test_train_mode_without_dropout_uses_kernels_and_trains(device):
     (torch.randn(3, 48, 48), ValueError, "expected an image batch"),
     (torch.randn(2, 1, 48, 48), ValueError, "input channels"),
     (torch.randn(2, 3, 40, 40), ValueError, "differs from the size"),
-    (torch.randn(2, 3, 48, 48).double(), TypeError, "differs from the model's parameters"),
+    (torch.randn(2, 3, 48, 48).double(), TypeError, r"input dtype .* differs from the (model's )?parameters"),
     (torch.zeros(2, 3, 48, 48, dtype=torch.int32), TypeError, "floating-point"),
 ])
 def test_bad_input(x, error, match):
@@ -194,7 +202,8 @@ def test_bad_mask():
 @pytest.mark.gpu
 def test_device_mix_is_rejected():
     _, fast = fused_twin(**ODD)
-    with pytest.raises(ValueError, match="model's parameters are on"), torch.no_grad():
+    match = r"input is on cuda.* but the (model's )?parameters are on cpu"
+    with pytest.raises(ValueError, match=match), torch.no_grad():
         fast(image(ODD).cuda())
 
 
@@ -217,40 +226,61 @@ def timm_model(device="cpu", **kw):
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, **dict(TIMM_TINY, **kw)).to(device).eval()
 
 
+def timm_pair(device="cpu", **kw):
+    """(timm's own model, the same weights accelerated in place): the reference is copied before patching."""
+    model = timm_model(device, **kw)
+    ref = copy.deepcopy(model)
+    fast = vit_kernels.from_timm(model)
+    assert fast is model and vit_kernels.is_accelerated(fast) and not vit_kernels.is_accelerated(ref)
+    return ref, fast
+
+
+FUSED_KERNELS = {"patch_embed", "layer_norm", "linear", "attention"}
+
+
 @pytest.mark.parametrize("variant", list(TIMM_VARIANTS))
 def test_from_timm_matches_timm(variant, device):
-    model = timm_model(device, **TIMM_VARIANTS[variant])
-    fast = vit_kernels.from_timm(model)
-    assert list(fast.state_dict()) == list(model.state_dict())
+    ref, fast = timm_pair(device, **TIMM_VARIANTS[variant])
+    assert list(fast.state_dict()) == list(ref.state_dict())
     x = torch.randn(2, 3, 32, 32, device=device)
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(fast.forward_features(x), model.forward_features(x), rtol=1e-4, atol=1e-5)
-        feats = model.forward_features(x)
-        torch.testing.assert_close(fast.forward_head(feats, pre_logits=True), model.forward_head(feats, True),
+        ops.reset_launch_counts()
+        got = fast(x)
+        assert set(ops.launch_counts()) >= FUSED_KERNELS  # the kernels computed it
+        torch.testing.assert_close(got, ref(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast.forward_features(x), ref.forward_features(x), rtol=1e-4, atol=1e-5)
+        feats = ref.forward_features(x)
+        torch.testing.assert_close(fast.forward_head(feats, pre_logits=True), ref.forward_head(feats, True),
                                    rtol=1e-4, atol=1e-5)
-    assert fast.last_backend == "triton"
 
 
-def test_from_timm_shares_parameters_and_round_trips_checkpoints():
+def test_from_timm_patches_in_place_and_round_trips_checkpoints():
     model = timm_model()
+    keys = list(model.state_dict())
+    params = dict(model.named_parameters())
     fast = vit_kernels.from_timm(model)
-    assert fast.cls_token is model.cls_token and fast.blocks is model.blocks
+    assert fast is model and vit_kernels.is_accelerated(model)
+    assert list(fast.state_dict()) == keys and all(p is params[n] for n, p in fast.named_parameters())
+    assert vit_kernels.from_timm(model) is model  # twice is once
     other = timm_model()
+    with torch.no_grad():  # different weights, so the load below is seen in the outputs
+        for p in other.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     fast.load_state_dict(other.state_dict(), strict=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
+        ops.reset_launch_counts()
         torch.testing.assert_close(fast(x), other(x), rtol=1e-4, atol=1e-5)
+        assert set(ops.launch_counts()) >= FUSED_KERNELS
+        assert vit_kernels.restore(model) is model and not vit_kernels.is_accelerated(model)
+        ops.reset_launch_counts()
+        torch.testing.assert_close(model(x), other(x), rtol=1e-4, atol=1e-5)
+        assert ops.launch_counts() == {}  # restored: timm's own forward
 
 
 def test_from_timm_fp16(device):
-    model = timm_model(device)
-    x = torch.randn(2, 3, 32, 32, device=device)
-    with torch.no_grad():
-        expected = model.double()(x.double())
-        lowp_torch = model.half()(x.half())
-        got = vit_kernels.from_timm(model)(x.half())
-    assert_matches(got, lowp_torch, expected)
+    ref, fast = timm_pair(device)
+    assert_fp16_within_twice_pytorch_error(ref, fast, torch.randn(2, 3, 32, 32, device=device))
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -261,8 +291,10 @@ def test_from_timm_fp16(device):
     (dict(act_layer="quick_gelu"), "activation QuickGELU"),
 ])
 def test_from_timm_unsupported_features_are_named(kw, match):
+    model = timm_model(**kw)
     with pytest.raises(NotImplementedError, match=match):
-        vit_kernels.from_timm(timm_model(**kw))
+        vit_kernels.from_timm(model)
+    assert not vit_kernels.is_accelerated(model)  # refused before anything was patched
 
 
 def test_from_timm_rejects_other_models_and_bad_images():
@@ -275,13 +307,43 @@ def test_from_timm_rejects_other_models_and_bad_images():
         fast(torch.randn(2, 1, 32, 32))
 
 
-def test_from_timm_patch_dropout_uses_timm_forward_and_dropout_the_kernels():
-    fast = vit_kernels.from_timm(timm_model(drop_rate=0.1, patch_drop_rate=0.25)).train()
-    with pytest.warns(UserWarning, match="do not fuse"):
-        vit_kernels.models._fused._warned.clear()
-        fast(torch.randn(2, 3, 32, 32))
-    assert fast.last_backend == "reference"
-    fast = vit_kernels.from_timm(timm_model(drop_rate=0.1, attn_drop_rate=0.1, proj_drop_rate=0.1,
-                                            drop_path_rate=0.1)).train()
-    fast(torch.randn(2, 3, 32, 32))
-    assert fast.last_backend == "triton"
+def test_from_timm_patch_dropout_runs_timms_module_inside_the_fused_trunk():
+    """Patch dropout: the fused trunk calls the model's own ``patch_drop`` module (same RNG draws as timm), the
+    rest runs in the kernels; with the same seed the result equals timm's."""
+    ref, fast = timm_pair(patch_drop_rate=0.25)
+    ref.train()
+    fast.train()
+    x = torch.randn(3, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="vit_kernels")  # no fallback warning
+        ops.reset_launch_counts()
+        torch.manual_seed(1)
+        got = fast(x)
+    assert set(ops.launch_counts()) >= FUSED_KERNELS
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, ref(x), rtol=1e-4, atol=1e-5)
+    torch.manual_seed(1)
+    features = fast.forward_features(x)
+    torch.manual_seed(1)
+    expected = ref.forward_features(x)
+    assert features.shape == expected.shape and features.shape[1] < 17  # patches were dropped
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_from_timm_dropout_and_stochastic_depth_run_in_the_kernels():
+    ref, fast = timm_pair(drop_rate=0.1, attn_drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.1)
+    fast.train()
+    x = torch.randn(4, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="vit_kernels")
+        ops.reset_launch_counts()
+        torch.manual_seed(2)
+        a = fast(x)
+    assert set(ops.launch_counts()) >= FUSED_KERNELS
+    torch.manual_seed(2)
+    b = fast(x)
+    c = fast(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)  # reproducible per seed, fresh masks otherwise
+    with torch.no_grad():
+        assert not torch.allclose(a, ref(x), rtol=1e-4, atol=1e-5)  # timm in eval (no dropout) differs
+        torch.testing.assert_close(fast.eval()(x), ref(x), rtol=1e-4, atol=1e-5)  # fast in eval: equal

@@ -87,7 +87,8 @@ def check_tokens(x: torch.Tensor, emb_size: int) -> None:
         raise ValueError(f"token width {x.shape[-1]} does not match emb_size {emb_size}")
 
 
-def check_image(x: torch.Tensor, in_channels: int, img_size: int) -> None:
+def check_image(x: torch.Tensor, in_channels: int, img_size: int | None) -> None:
+    """A floating [B, C, H, W] batch with ``in_channels`` channels and (unless None) H = W = ``img_size``."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"expected a floating-point image tensor, got {type(x).__name__}"
                         f"{'' if not isinstance(x, torch.Tensor) else ' of dtype ' + str(x.dtype)}")
@@ -95,7 +96,7 @@ def check_image(x: torch.Tensor, in_channels: int, img_size: int) -> None:
         raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
     if x.shape[1] != in_channels:
         raise ValueError(f"expected {in_channels} input channels, got {x.shape[1]}")
-    if tuple(x.shape[2:]) != (img_size, img_size):
+    if img_size is not None and tuple(x.shape[2:]) != (img_size, img_size):
         raise ValueError(f"image size {tuple(x.shape[2:])} differs from the size the position embedding "
                          f"was built for ({img_size}, {img_size})")
 

@@ -18,7 +18,8 @@ OURS, TIMM = "ours (from_timm)", "timm eager (SDPA)"
 
 
 def _builders(name: str, device, compile_modes) -> dict:
-    """{candidate: (build() -> model, twin candidate)}; every build starts from the same random weights."""
+    """{candidate: (build() -> model, twin candidate)}; every build starts from the same random weights and is a
+    new model: ``from_timm`` patches its argument in place, so the timm twin is never the accelerated object."""
     import vit_kernels
     from vit_kernels import reference
 

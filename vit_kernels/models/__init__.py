@@ -1,9 +1,8 @@
-from .accelerate import accelerate
+from .accelerate import accelerate, is_accelerated
 from .attention_maps import attention_maps
 from .factory import create_model
-from .hf_vit import HFViT
-from .timm_vit import TimmViT, from_timm
-from .torchvision_vit import TorchvisionViT
+from .patching import restore
+from .timm_vit import from_timm
 from .tutorial import ViT
 
-__all__ = ["HFViT", "TimmViT", "TorchvisionViT", "ViT", "accelerate", "attention_maps", "create_model", "from_timm"]
+__all__ = ["ViT", "accelerate", "attention_maps", "create_model", "from_timm", "is_accelerated", "restore"]

@@ -1,70 +1,77 @@
-"""Pieces shared by the fused models: the fused encoder block, dtype/autocast policy, dropout rates."""
+"""Pieces shared by the framework patches: the fused encoder block, the dtype/autocast policy, dropout rates,
+patch-time checks and the fused LayerNorm forward."""
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
 from torch import nn
 
 from .. import ops
+from .patching import patch
+
+AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
+
+
+def autocast_on(x: torch.Tensor) -> bool:
+    device_type = x.device.type
+    return device_type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the kernels run in: autocast's when it is on for x's device, else x's own."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+    return torch.get_autocast_dtype(x.device.type) if autocast_on(x) else x.dtype
 
 
 @contextlib.contextmanager
 def explicit_dtypes(x: torch.Tensor):
-    """Every cast is explicit inside the fused forward, so autocast must not re-cast the fallback ops."""
+    """Every cast is explicit inside a fused forward, so autocast must not re-cast the fallback ops. Read the
+    compute dtype (``compute_dtype``) before entering: inside, autocast is off."""
+    if x.device.type not in AUTOCAST_DEVICES:  # meta: no autocast to switch off
+        yield
+        return
     with torch.autocast(x.device.type, enabled=False):
         yield
 
 
 def caster(dtype: torch.dtype):
-    return lambda t: None if t is None else t.to(dtype)
+    """t -> t in ``dtype`` (None stays None; a tuple of tensors, e.g. q/k/v weights, is cast element-wise)."""
+    def cast(t):
+        if t is None:
+            return None
+        return tuple(u.to(dtype) for u in t) if isinstance(t, tuple) else t.to(dtype)
+    return cast
 
 
-def check_matches_model(model: nn.Module, x: torch.Tensor) -> None:
-    """Same device as the parameters, and (outside autocast) the same dtype, as a PyTorch module demands."""
-    param = next(model.parameters(), None)
-    if param is None:
-        return
+def check_input(where: str, param: torch.Tensor, x) -> None:
+    """What a PyTorch module demands of its input: a floating tensor on the parameters' device, and outside
+    autocast their dtype."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{where}: expected a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
     if param.device != x.device:
-        raise ValueError(f"input is on {x.device} but the model's parameters are on {param.device}")
-    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(f"input dtype {x.dtype} differs from the model's parameters ({param.dtype}); convert "
-                        f"one of them (e.g. model.to({x.dtype})) or run under torch.autocast")
+        raise ValueError(f"{where}: input is on {x.device} but the parameters are on {param.device}")
+    if x.dtype != param.dtype and not autocast_on(x):
+        raise TypeError(f"{where}: input dtype {x.dtype} differs from the parameters' ({param.dtype}); convert one "
+                        f"of them (e.g. model.to({x.dtype})) or run under torch.autocast")
 
 
-class SharedModel(nn.Module):
-    """Base of the wrappers around another framework's ViT: the model's own parameters, buffers and children
-    are registered here under the same names and in the same order (the same state_dict keys; tensors
-    shared, not copied). The model itself is kept as ``original`` (not a child, so not in the state_dict),
-    its train/eval flag in step with ours."""
+def check_image_batch(conv: nn.Conv2d, x) -> None:
+    """A floating [B, C, H, W] image batch with the patch projection's channel count (ValueError otherwise)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+        raise ValueError(f"expected a floating-point image batch [B, C, H, W], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.shape[1] != conv.in_channels:
+        raise ValueError(f"expected {conv.in_channels} input channels, got {x.shape[1]}")
 
-    last_backend: str | None = None
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        for name, param in model.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        for name, buf in model.named_buffers(recurse=False):
-            self.register_buffer(name, buf)
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        object.__setattr__(self, "original", model)
-        self.train(model.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if "original" in self.__dict__:
-            self.original.training = mode  # the children are shared; the original's own flag follows
-        return self
+def classification_head(x: torch.Tensor, norm: nn.LayerNorm, fc: nn.Linear, pool: str) -> torch.Tensor:
+    """pool (``"mean"`` of all tokens or ``"token"`` 0) -> LayerNorm -> Linear in the compute dtype, two kernels."""
+    dtype = compute_dtype(x)
+    with explicit_dtypes(x):
+        cast = caster(dtype)
+        return ops.classification_head(cast(x), cast(norm.weight), cast(norm.bias), norm.eps, cast(fc.weight),
+                                       cast(fc.bias), pool=pool, start=0)
 
 
 def drop_rate(module: nn.Module | None, training: bool) -> float:
@@ -85,32 +92,44 @@ def drop_path_factors(module: nn.Module | None, batch: int, training: bool, devi
     return factors
 
 
-def _rate(module: nn.Module) -> float:
-    if isinstance(module, nn.modules.dropout._DropoutNd):
-        return module.p
-    if "drop" in type(module).__name__.lower():  # timm's DropPath (drop_prob), PatchDropout (prob)
-        return getattr(module, "drop_prob", None) or getattr(module, "prob", None) or getattr(module, "p", 0.0)
-    return 0.0
+def is_identity(module) -> bool:
+    return module is None or isinstance(module, nn.Identity)
 
 
-def unfused_dropout(model: nn.Module, fused: set) -> list:
-    """Names of dropout-like modules that would drop something in this forward (train mode, rate > 0) but
-    that the kernels do not apply (``fused`` holds the ids of those they do): stochastic depth, patch dropout."""
-    if not model.training:
-        return []
-    return [name for name, module in model.named_modules() if id(module) not in fused and _rate(module)]
+def check_layer_norm(where: str, module, allow_identity: bool = False) -> None:
+    """Patch-time check: an nn.LayerNorm over the last axis (or, if allowed, nothing)."""
+    if allow_identity and is_identity(module):
+        return
+    if not isinstance(module, nn.LayerNorm) or len(module.normalized_shape) != 1:
+        raise NotImplementedError(f"{where} of type {type(module).__name__} is not supported by the vit_kernels "
+                                  f"kernels (only nn.LayerNorm over the last axis)")
 
 
-_warned = set()
+def check_head_dim(where: str, width: int, heads: int) -> None:
+    """Patch-time check of what ``ops.attention`` accepts, so a model is refused before its first forward."""
+    if heads < 1 or width % heads:
+        raise NotImplementedError(f"{where}: width {width} is not divisible into {heads} heads")
+    if width // heads > ops.MAX_HEAD_DIM:
+        raise NotImplementedError(f"{where}: head_dim {width // heads} exceeds the attention kernel's maximum of "
+                                  f"{ops.MAX_HEAD_DIM}")
 
 
-def warn_dropout_fallback(model: nn.Module, names: list) -> None:
-    key = type(model).__name__
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(f"vit_kernels: {key} is in train mode with dropout the kernels do not fuse "
-                      f"({', '.join(names[:3])}{'...' if len(names) > 3 else ''}); this forward runs the "
-                      f"PyTorch reference path", stacklevel=3)
+def layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """nn.LayerNorm.forward on the fused kernel, dtypes as PyTorch: under autocast layer_norm computes and
+    returns fp32; otherwise x's dtype."""
+    if self.weight is not None:
+        check_input(type(self).__name__, self.weight, x)
+    if autocast_on(x):
+        x = x.float()
+    with explicit_dtypes(x):
+        cast = caster(x.dtype)
+        return ops.layer_norm(x, cast(self.weight), cast(self.bias), self.eps)
+
+
+def patch_layer_norm(module) -> None:
+    """Put an nn.LayerNorm (checked at patch time) on the fused kernel; nn.Identity stays as it is."""
+    if not is_identity(module):
+        patch(module, "forward", layer_norm_forward)
 
 
 _attention_maps: list | None = None  # set while ``recording_attention_maps`` is active

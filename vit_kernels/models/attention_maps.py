@@ -17,26 +17,26 @@ def attention_maps(model: nn.Module, *args, **kwargs) -> tuple[object, list[torc
     """Run ``model(*args, **kwargs)`` and return ``(output, maps)``, maps[i] = layer i's [B, heads, N, N].
 
     ``model`` is any model ``vit_kernels.accelerate`` takes (a tutorial, timm, torchvision or Hugging Face
-    ViT, wrapped or not; an unwrapped one is wrapped first, sharing its parameters). Raises ``RuntimeError``
-    if the forward did not run the fused blocks (timm's train-mode stochastic depth runs timm's own
-    forward: call ``model.eval()``)."""
-    from .accelerate import accelerate
+    ViT); one not yet accelerated is accelerated first (in place). Raises ``RuntimeError`` if the forward did
+    not run every fused block (e.g. a block the user replaced by another module)."""
+    from .accelerate import accelerate, is_accelerated
 
-    fused = accelerate(model)
+    fused = model if is_accelerated(model) else accelerate(model)  # as the user left it, if already patched
     with recording_attention_maps() as maps:
         output = fused(*args, **kwargs)
     depth = _depth(fused)
     if len(maps) != depth:
-        raise RuntimeError(f"attention_maps: the forward ran {len(maps)} of {depth} fused blocks (last_backend="
-                           f"{getattr(fused, 'last_backend', None)!r}); maps come only from the fused path, e.g. "
-                           f"in eval mode")
+        raise RuntimeError(f"attention_maps: the forward ran {len(maps)} of {depth} fused blocks; maps come only "
+                           f"from the fused blocks")
     return output, list(maps)
 
 
 def _depth(fused: nn.Module) -> int:
-    for name in ("blocks", "_layers"):
-        if hasattr(fused, name):
-            return len(getattr(fused, name))
+    if hasattr(fused, "blocks"):
+        return len(fused.blocks)  # timm
+    vit = getattr(fused, "vit", fused)
+    if hasattr(vit, "layers"):
+        return len(vit.layers)  # Hugging Face
     if hasattr(fused, "encoder") and hasattr(fused.encoder, "layers"):
         return len(fused.encoder.layers)  # torchvision
     return len(fused[1])  # the tutorial's TransformerEncoder

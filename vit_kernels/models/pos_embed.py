@@ -1,13 +1,12 @@
-"""Position embeddings for other image sizes: timm-exact resampling, a per-size cache, the grid check.
+"""Position embeddings for other image sizes: timm-exact resampling and the grid check.
 
 ``resample_pos_embed`` is ``timm.layers.resample_abs_pos_embed`` for a ``[T, E]`` table (no batch axis):
 prefix rows (cls, registers) pass through, the ``gh x gw`` grid rows are interpolated in float32
-(bicubic, antialiased by default) and cast back to the table's dtype. ``PositionCache`` keeps the result
-per (grid, dtype, device) so a model resamples once per image size, not once per forward.
+(bicubic, antialiased by default) and cast back to the table's dtype. The fused models call it on every
+forward at another image size, as timm does: nothing is cached, so no update of the table can be missed.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -60,55 +59,3 @@ def image_grid(height: int, width: int, patch_size) -> tuple[int, int]:
                          f"({max(ph, height // ph * ph)}, {max(pw, width // pw * pw)}))")
     return height // ph, width // pw
 
-
-class PositionCache:
-    """Resampled position tables, one per (grids, prefix, mode, dtype, device), least recently used first out.
-
-    An entry is reused while the source tensor is the same storage at the same version (``data_ptr``,
-    ``_version``): an in-place update (an optimizer step, ``load_state_dict``, ``model.to()``) invalidates
-    it. Writes through ``param.data`` bypass the version counter: call ``clear()`` after those. When autograd
-    must reach the source (grad mode on and ``pos.requires_grad``), nothing is cached: each call resamples
-    so gradients flow into the parameter; nor under ``torch.compile`` (the traced graph resamples).
-    ``hits`` and ``misses`` count the lookups that reused / computed a table.
-    """
-
-    def __init__(self, maxsize: int = 8):
-        if maxsize < 1:
-            raise ValueError(f"maxsize must be at least 1, got {maxsize}")
-        self.maxsize = maxsize
-        self.hits = 0
-        self.misses = 0
-        self._entries: OrderedDict = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def get(self, pos: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int], num_prefix: int, *,
-            mode: str = "bicubic", antialias: bool = True) -> torch.Tensor:
-        """``resample_pos_embed(pos, old_grid, new_grid, num_prefix, ...)``, cached when autograd allows."""
-        old_grid, new_grid = _grid("old_grid", old_grid), _grid("new_grid", new_grid)
-        if old_grid == new_grid:
-            return pos
-        if torch.compiler.is_compiling():
-            return resample_pos_embed(pos, old_grid, new_grid, num_prefix, mode=mode, antialias=antialias)
-        if torch.is_grad_enabled() and pos.requires_grad:
-            self.misses += 1
-            return resample_pos_embed(pos, old_grid, new_grid, num_prefix, mode=mode, antialias=antialias)
-        key = (old_grid, new_grid, num_prefix, mode, antialias, pos.dtype, pos.device)
-        stamp = (pos.data_ptr(), pos._version, tuple(pos.shape), tuple(pos.stride()))
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] == stamp:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[1]
-        self.misses += 1
-        with torch.no_grad():
-            out = resample_pos_embed(pos.detach(), old_grid, new_grid, num_prefix, mode=mode, antialias=antialias)
-        self._entries[key] = (stamp, out)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.maxsize:
-            self._entries.popitem(last=False)
-        return out

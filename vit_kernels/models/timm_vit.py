@@ -1,9 +1,12 @@
-"""``from_timm``: a timm ``VisionTransformer`` running on the fused kernels, same state_dict keys.
+"""timm ``VisionTransformer`` on the fused kernels, patched in place (``from_timm`` / ``accelerate``).
 
-The returned module *shares* the given model's parameters (no copy): training or loading weights into
-either one changes both. Features the kernels cannot honour raise ``NotImplementedError`` naming them.
-Models built with ``dynamic_img_size=True`` accept other image sizes as timm does (position embedding
-resampled bicubically); ``from_timm(model, dynamic_img_size=True)`` opts any other model in.
+Patched on the user's own model: each ``Block.forward`` (the fused block), ``patch_embed.forward`` (the fused
+patch projection, used by ``forward_intermediates``), the LayerNorms ``norm_pre`` / ``norm`` / ``fc_norm``,
+and the model's ``forward_features`` / ``forward_head`` / ``forward`` (patch projection, prefix tokens and
+position embedding in one kernel; with token pooling the final LayerNorm runs on the pooled token only).
+Everything is read from the model at call time, so ``.eval()``, ``reset_classifier``, ``load_state_dict(...,
+assign=True)``, ``.data`` writes, ``set_grad_checkpointing``, hooks and FSDP2 all act as on timm's own model.
+Features the kernels cannot compute raise ``NotImplementedError`` when patching, naming the module.
 """
 from __future__ import annotations
 
@@ -14,38 +17,32 @@ from torch import nn
 
 from .. import ops
 from ._fused import (
-    SharedModel,
+    autocast_on,
     caster,
-    check_matches_model,
+    check_head_dim,
+    check_image_batch,
+    check_input,
+    check_layer_norm,
     compute_dtype,
     drop_path_factors,
     drop_rate,
     encoder_block,
     explicit_dtypes,
-    unfused_dropout,
-    warn_dropout_fallback,
+    is_identity,
+    patch_layer_norm,
 )
-from .pos_embed import PositionCache, image_grid
+from .patching import patch
+from .pos_embed import image_grid, resample_pos_embed
 
 POOLS = {"token": "token", "avg": "mean"}
+DYNAMIC = "vit_kernels_dynamic_img_size"  # from_timm's opt-in / opt-out for other image sizes
 
 
 def _unsupported(feature: str):
     raise NotImplementedError(f"from_timm: {feature} is not supported by the vit_kernels kernels")
 
 
-def _is_identity(module) -> bool:
-    return module is None or isinstance(module, nn.Identity)
-
-
-def _check_norm(name: str, module, allow_identity: bool = True) -> None:
-    if allow_identity and _is_identity(module):
-        return
-    if not isinstance(module, nn.LayerNorm) or len(module.normalized_shape) != 1:
-        _unsupported(f"{name} of type {type(module).__name__} (only nn.LayerNorm over the last axis)")
-
-
-def _gelu_mode(name: str, act) -> str:
+def _gelu_mode(where: str, act) -> str:
     """nn.GELU (exact or tanh) and timm's own GELU / GELUTanh modules; anything else is refused."""
     from timm.layers.activations import GELU, GELUTanh
 
@@ -53,227 +50,231 @@ def _gelu_mode(name: str, act) -> str:
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"
     if type(act) in (GELU, GELUTanh):
         return "gelu_tanh" if type(act) is GELUTanh else "gelu"
-    _unsupported(f"{name} activation {type(act).__name__} (only GELU, exact or tanh)")
+    _unsupported(f"{where} activation {type(act).__name__} (only GELU, exact or tanh)")
 
 
-def _check_layer_scale(name: str, module) -> None:
+def _check_layer_scale(where: str, module) -> None:
     """Identity or timm's LayerScale (a per-feature gamma, which the GEMM epilogue applies)."""
-    if not _is_identity(module) and (type(module).__name__ != "LayerScale" or not hasattr(module, "gamma")):
-        _unsupported(f"{name} of type {type(module).__name__}")
+    if not is_identity(module) and (type(module).__name__ != "LayerScale" or not hasattr(module, "gamma")):
+        _unsupported(f"{where} of type {type(module).__name__}")
+
+
+def _same_forward(module, cls) -> bool:
+    """``module`` is a ``cls`` running ``cls.forward`` (FSDP2's per-module subclasses keep it)."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def _check_head(model) -> None:
+    if getattr(model, "attn_pool", None) is not None or model.global_pool == "map":
+        _unsupported("global_pool='map' (attention pooling)")
+    if model.global_pool not in POOLS:
+        _unsupported(f"global_pool={model.global_pool!r} (supported: 'token', 'avg')")
+    if not (is_identity(model.head) or isinstance(model.head, nn.Linear)):
+        _unsupported(f"head of type {type(model.head).__name__}")
 
 
 def check_supported(model) -> None:
+    """Everything the fused forward would fail on, refused now, naming the module and the feature."""
     from timm.layers import Mlp, PatchEmbed
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"from_timm expects a timm VisionTransformer, got {type(model).__name__}")
-    if getattr(model, "attn_pool", None) is not None or model.global_pool == "map":
-        _unsupported("global_pool='map' (attention pooling)")
-    if model.global_pool not in POOLS:
-        _unsupported(f"global_pool={model.global_pool!r} (supported: 'token', 'avg')")
+    _check_head(model)
     pe = model.patch_embed
-    if type(pe) is not PatchEmbed:
+    if not _same_forward(pe, PatchEmbed):
         _unsupported(f"patch embedding {type(pe).__name__} (only timm's PatchEmbed)")
     if getattr(pe, "dynamic_img_pad", False):
         _unsupported("dynamic_img_pad=True (padding images to a multiple of the patch)")
-    # a dynamic_img_size model's PatchEmbed outputs NHWC, which its _pos_embed flattens: the same tokens
-    if not (pe.flatten or (getattr(model, "dynamic_img_size", False) and pe.output_fmt.value == "NHWC")):
-        _unsupported(f"patch embedding with output format {pe.output_fmt.value} (unflattened output)")
+    if not (pe.flatten or pe.output_fmt.value == "NHWC"):
+        _unsupported(f"patch embedding with output format {pe.output_fmt.value}")
     conv = pe.proj
     if (not isinstance(conv, nn.Conv2d) or conv.kernel_size != conv.stride or conv.padding != (0, 0)
             or conv.kernel_size[0] != conv.kernel_size[1] or conv.groups != 1 or conv.dilation != (1, 1)):
         _unsupported("a patch projection other than a square Conv2d with stride = kernel")
-    if not _is_identity(pe.norm):
+    if not is_identity(pe.norm):
         _unsupported("patch_embed.norm (norm after patch projection)")
-    _check_norm("norm_pre", model.norm_pre)
-    _check_norm("norm", model.norm)
-    _check_norm("fc_norm", model.fc_norm)
-    if not (_is_identity(model.head) or isinstance(model.head, nn.Linear)):
-        _unsupported(f"head of type {type(model.head).__name__}")
+    for name in ("norm_pre", "norm", "fc_norm"):
+        check_layer_norm(f"from_timm: {name}", getattr(model, name), allow_identity=True)
     for i, blk in enumerate(model.blocks):
         where = f"blocks.{i}"
-        if type(blk) is not Block:
+        if not _same_forward(blk, Block):
             _unsupported(f"{where} of type {type(blk).__name__} (only timm's pre-norm Block)")
         attn, mlp = blk.attn, blk.mlp
-        if type(attn) is not Attention:
+        if not _same_forward(attn, Attention):
             _unsupported(f"{where}.attn of type {type(attn).__name__}")
-        if not (_is_identity(attn.q_norm) and _is_identity(attn.k_norm)):
+        if not (is_identity(attn.q_norm) and is_identity(attn.k_norm)):
             _unsupported(f"{where}.attn qk_norm")
-        if not _is_identity(getattr(attn, "norm", None)) or getattr(attn, "gate", None) is not None:
+        if not is_identity(getattr(attn, "norm", None)) or getattr(attn, "gate", None) is not None:
             _unsupported(f"{where}.attn scale_norm/gating")
         if not math.isclose(attn.scale, attn.head_dim ** -0.5, rel_tol=1e-6):
             _unsupported(f"{where}.attn scale {attn.scale} (only head_dim ** -0.5)")
         if attn.qkv.in_features != attn.proj.out_features or attn.attn_dim != attn.proj.out_features:
             _unsupported(f"{where}.attn with attn_dim != embed_dim")
-        _check_norm(f"{where}.norm1", blk.norm1, allow_identity=False)
-        _check_norm(f"{where}.norm2", blk.norm2, allow_identity=False)
-        if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not _is_identity(mlp.norm):
+        check_head_dim(f"from_timm: {where}.attn", attn.attn_dim, attn.num_heads)
+        check_layer_norm(f"from_timm: {where}.norm1", blk.norm1)
+        check_layer_norm(f"from_timm: {where}.norm2", blk.norm2)
+        if not _same_forward(mlp, Mlp) or not isinstance(mlp.fc1, nn.Linear) or not is_identity(mlp.norm):
             _unsupported(f"{where}.mlp of type {type(mlp).__name__} (only timm Mlp with Linear layers, no norm)")
         _gelu_mode(f"{where}.mlp", mlp.act)
         _check_layer_scale(f"{where}.ls1", blk.ls1)
         _check_layer_scale(f"{where}.ls2", blk.ls2)
 
 
-class TimmViT(SharedModel):
-    """A timm VisionTransformer's modules and parameters (shared, same names) with a fused forward."""
+# --- the patched methods ----------------------------------------------------------------------------------------
+def _bool_mask(attn_mask, is_causal: bool, tokens: int, device):
+    """timm's attn_mask / is_causal as the kernels' boolean mask (True = attend), or None."""
+    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool):
+        _unsupported("a float (additive) attn_mask; pass a torch.bool mask, True = attend")
+    if is_causal:
+        causal = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
+        return causal if attn_mask is None else attn_mask & causal
+    return attn_mask
 
-    def __init__(self, model, dynamic_img_size: bool | None = None):
-        check_supported(model)
-        super().__init__(model)  # self.original: timm's own forward, the path for patch dropout
-        self.num_prefix_tokens = model.num_prefix_tokens
-        self.pos_on_prefix = not model.no_embed_class
-        self.pool = POOLS[model.global_pool]
-        self.pool_start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
-        # per-block activation, decided once (no per-forward isinstance work on the launch path)
-        self._activations = [_gelu_mode(f"blocks.{i}.mlp", blk.mlp.act) for i, blk in enumerate(model.blocks)]
-        # other image sizes: timm's own setting unless the caller opts in (or out); settable later
-        self.dynamic_img_size = bool(getattr(model, "dynamic_img_size", False) if dynamic_img_size is None
-                                     else dynamic_img_size)
-        # timm resamples the grid rows only; with no_embed_class the table has no prefix rows
-        self._pos_prefix = self.num_prefix_tokens if self.pos_on_prefix else 0
-        self._pos_cache = PositionCache()
-        # dropouts the kernels apply (train mode, stochastic depth included); patch_drop runs timm's forward
-        fused = [getattr(model, "pos_drop", None), getattr(model, "head_drop", None)]
-        for blk in model.blocks:
-            fused += [blk.attn.attn_drop, blk.attn.proj_drop, blk.mlp.drop1, blk.mlp.drop2, blk.drop_path1,
-                      blk.drop_path2]
-        self._fused_dropout = {id(m) for m in fused if m is not None}
 
-    def _check_image(self, x: torch.Tensor) -> tuple[int, int]:
-        """Checks x; returns its patch grid."""
-        conv = self.patch_embed.proj
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
-            raise ValueError(f"expected a floating-point image batch [B, C, H, W], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.shape[1] != conv.in_channels:
-            raise ValueError(f"expected {conv.in_channels} input channels, got {x.shape[1]}")
-        if tuple(x.shape[2:]) == tuple(self.patch_embed.img_size):
-            return tuple(self.patch_embed.grid_size)
-        if not self.dynamic_img_size:
-            raise ValueError(f"image size {tuple(x.shape[2:])} differs from the model's "
-                             f"{tuple(self.patch_embed.img_size)}; for other sizes build the timm model with "
-                             f"dynamic_img_size=True or use from_timm(model, dynamic_img_size=True)")
-        return image_grid(x.shape[2], x.shape[3], self.patch_embed.patch_size)
+def block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+    """timm ``Block.forward`` as one fused block; returns x's dtype (under autocast as timm: its dtype
+    promoted with autocast's)."""
+    attn, mlp = self.attn, self.mlp
+    check_input("timm Block", self.norm1.weight, x)
+    mask = _bool_mask(attn_mask, is_causal, x.shape[1], x.device)
+    dtype = compute_dtype(x)
+    out_dtype = torch.promote_types(x.dtype, dtype)
+    training, cast = self.training, caster(dtype)
+    with explicit_dtypes(x):
+        y = encoder_block(cast(x), self.norm1, attn.qkv, attn.proj, self.norm2, mlp.fc1, mlp.fc2, cast,
+                          num_heads=attn.num_heads, qkv_interleaved=False, scaling="paper", mask=mask,
+                          activation=_gelu_mode("Block.mlp", mlp.act), gamma1=getattr(self.ls1, "gamma", None),
+                          gamma2=getattr(self.ls2, "gamma", None), attn_drop=drop_rate(attn.attn_drop, training),
+                          proj_drop=drop_rate(attn.proj_drop, training), hidden_drop=drop_rate(mlp.drop1, training),
+                          out_drop=drop_rate(mlp.drop2, training),
+                          drop_path1=drop_path_factors(self.drop_path1, x.shape[0], training, x.device),
+                          drop_path2=drop_path_factors(self.drop_path2, x.shape[0], training, x.device))
+    return y.to(out_dtype)
 
-    def _positions(self, grid: tuple[int, int]) -> torch.Tensor | None:
-        """pos_embed as a [T, E] table for this grid (timm's resampling, cached per size)."""
-        pos = getattr(self, "pos_embed", None)
-        if pos is None or grid == tuple(self.patch_embed.grid_size):
-            return None if pos is None else pos[0]
-        return self._pos_cache.get(pos[0], self.patch_embed.grid_size, grid, self._pos_prefix)
 
-    def _prepare(self, x: torch.Tensor) -> tuple[tuple[int, int], bool]:
-        """Checks x; its patch grid, and True (with a one-time warning) when train mode has patch dropout, which
-        needs timm's own forward (every other dropout and stochastic depth run inside the kernels)."""
-        grid = self._check_image(x)
-        check_matches_model(self, x)
-        dropping = unfused_dropout(self, self._fused_dropout)
-        if dropping:
-            warn_dropout_fallback(self, dropping)
-            self.last_backend = "reference"
-            return grid, True
-        self.last_backend = ops.backend_for(x)
-        return grid, False
+def _check_image(pe, x, dynamic: bool) -> tuple[int, int]:
+    """timm PatchEmbed's image checks as ValueErrors; returns the patch grid."""
+    check_image_batch(pe.proj, x)
+    if tuple(x.shape[2:]) == tuple(pe.img_size):
+        return tuple(pe.grid_size)
+    if not dynamic:
+        raise ValueError(f"image size {tuple(x.shape[2:])} differs from the model's {tuple(pe.img_size)}; for other "
+                         f"sizes build the timm model with dynamic_img_size=True or use "
+                         f"from_timm(model, dynamic_img_size=True)")
+    return image_grid(x.shape[2], x.shape[3], pe.patch_size)
 
-    def _timm_takes(self, grid) -> bool:
-        """Whether timm's own forward accepts this grid (its size, or a dynamic_img_size model)."""
-        return getattr(self.original, "dynamic_img_size", False) or grid == tuple(self.patch_embed.grid_size)
 
-    def _timm_features(self, x: torch.Tensor, grid) -> torch.Tensor:
-        """timm's forward_features in PyTorch (patch dropout): timm's own when it takes this size, else
-        timm's modules with the resampled position table (an opted-in model at another size)."""
-        m = self.original
-        if self._timm_takes(grid):
-            return m.forward_features(x)
-        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
-        pos = self._positions(grid)
-        if pos is not None and not self.pos_on_prefix:
-            tokens = tokens + pos
-        tokens = torch.cat([*prefix, tokens], dim=1) if prefix else tokens
-        if pos is not None and self.pos_on_prefix:
-            tokens = tokens + pos
-        tokens = m.norm_pre(m.patch_drop(m.pos_drop(tokens)))
-        return m.norm(m.blocks(tokens))
+def patch_embed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """timm ``PatchEmbed.forward`` (the Conv2d patch projection) on the fused kernel, same output format."""
+    grid = _check_image(self, x, not self.strict_img_size)
+    check_input("timm PatchEmbed", self.proj.weight, x)
+    dtype = compute_dtype(x)
+    with explicit_dtypes(x):
+        cast = caster(dtype)
+        prefix = self.proj.weight.new_empty((0, self.proj.out_channels), dtype=dtype)
+        out = ops.patch_embed(cast(x), cast(self.proj.weight), cast(self.proj.bias), prefix, None)
+    return out if self.flatten else out.view(x.shape[0], *grid, out.shape[-1])
 
-    def _encode(self, x: torch.Tensor, grid) -> torch.Tensor:
-        """Patch embedding, norm_pre and the blocks; the final norm is left to the caller."""
-        cast = caster(compute_dtype(x))
-        prefix = [t.view(-1, t.shape[-1]) for t in (getattr(self, "cls_token", None),
-                                                    getattr(self, "reg_token", None)) if t is not None]
-        conv = self.patch_embed.proj
+
+def _positions(model, grid) -> torch.Tensor | None:
+    """pos_embed as a [T, E] table for this grid, resampled as timm does (every forward: nothing cached)."""
+    pos = model.pos_embed
+    native = tuple(model.patch_embed.grid_size)
+    if pos is None or grid == native:
+        return None if pos is None else pos[0]
+    return resample_pos_embed(pos[0], native, grid, 0 if model.no_embed_class else model.num_prefix_tokens)
+
+
+def _trunk(self, x, attn_mask=None, is_causal=False) -> torch.Tensor:
+    """timm's forward_features up to the final norm: patch projection + prefix + positions in one kernel,
+    embedding dropout in the kernels, timm's patch dropout module, norm_pre, then the blocks as timm runs them."""
+    dynamic = self.__dict__.get(DYNAMIC)
+    grid = _check_image(self.patch_embed, x, self.dynamic_img_size if dynamic is None else dynamic)
+    conv = self.patch_embed.proj
+    check_input("timm VisionTransformer", conv.weight, x)
+    dtype = compute_dtype(x)
+    with explicit_dtypes(x):
+        cast = caster(dtype)
+        prefix = [t.view(-1, t.shape[-1]) for t in (self.cls_token, self.reg_token) if t is not None]
         prefix = torch.cat(prefix) if prefix else conv.weight.new_empty((0, conv.out_channels))
-        pos = self._positions(grid)
-        x = ops.patch_embed(cast(x), cast(conv.weight), cast(conv.bias), cast(prefix), cast(pos),
-                            self.pos_on_prefix)
-        x = ops.dropout(x, drop_rate(getattr(self, "pos_drop", None), self.training))
-        x = _layer_norm(self.norm_pre, x)
-        training, batch = self.training, x.shape[0]
-        for blk, activation in zip(self.blocks, self._activations):
-            attn, mlp = blk.attn, blk.mlp
-            x = encoder_block(x, blk.norm1, attn.qkv, attn.proj, blk.norm2, mlp.fc1, mlp.fc2, cast,
-                              num_heads=attn.num_heads, qkv_interleaved=False, scaling="paper",
-                              activation=activation, gamma1=getattr(blk.ls1, "gamma", None),
-                              gamma2=getattr(blk.ls2, "gamma", None), attn_drop=drop_rate(attn.attn_drop, training),
-                              proj_drop=drop_rate(attn.proj_drop, training), hidden_drop=drop_rate(mlp.drop1, training),
-                              out_drop=drop_rate(mlp.drop2, training),
-                              drop_path1=drop_path_factors(blk.drop_path1, batch, training, x.device),
-                              drop_path2=drop_path_factors(blk.drop_path2, batch, training, x.device))
-        return x
+        x = ops.patch_embed(cast(x), cast(conv.weight), cast(conv.bias), cast(prefix), cast(_positions(self, grid)),
+                            not self.no_embed_class)
+        x = ops.dropout(x, drop_rate(self.pos_drop, self.training))
+    x = self.norm_pre(self.patch_drop(x))  # patch dropout: timm's module (a PyTorch gather), identity in eval
+    if attn_mask is not None or is_causal:
+        for blk in self.blocks:
+            x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
+    elif self.grad_checkpointing and not torch.jit.is_scripting():
+        from timm.models._manipulate import checkpoint_seq
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> tokens [B, N, E] after the final norm (timm's forward_features)."""
-        grid, reference_path = self._prepare(x)
-        if reference_path:
-            return self._timm_features(x, grid)
-        with explicit_dtypes(x):
-            return _layer_norm(self.norm, self._encode(x, grid))
+        x = checkpoint_seq(self.blocks, x)
+    else:
+        x = self.blocks(x)
+    return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """tokens [B, N, E] (after the final norm) -> logits, or the pooled features with ``pre_logits``."""
-        with explicit_dtypes(x):
-            return self._head(x, None, pre_logits)
 
-    def _head(self, x, norm, pre_logits=False):
-        """Pool, then LayerNorm (``norm`` fused into the pooling kernel, else fc_norm), then the Linear."""
+def forward_features(self, x, attn_mask=None, is_causal=False) -> torch.Tensor:
+    return self.norm(_trunk(self, x, attn_mask, is_causal))
+
+
+def _head(self, x, pool: str, start: int, norm, pre_logits: bool) -> torch.Tensor:
+    """Pool (+ LayerNorm ``norm``, fused into the pooling kernel) + head dropout + head Linear."""
+    if norm is not None and autocast_on(x):
+        x = x.float()  # as timm's LayerNorm under autocast: fp32
+    dtype = compute_dtype(x)
+    with explicit_dtypes(x):
         cast = caster(x.dtype)
-        norm = norm if norm is not None else None if _is_identity(self.fc_norm) else self.fc_norm
-        start = self.pool_start if self.pool == "mean" else 0
-        x = ops.pool_tokens(x, self.pool, start, cast(getattr(norm, "weight", None)),
-                            cast(getattr(norm, "bias", None)), getattr(norm, "eps", 1e-6), norm=norm is not None)
-        x = ops.dropout(x, drop_rate(getattr(self, "head_drop", None), self.training))
-        if pre_logits or _is_identity(self.head):
+        x = ops.pool_tokens(x, pool, start, cast(getattr(norm, "weight", None)), cast(getattr(norm, "bias", None)),
+                            getattr(norm, "eps", 1e-6), norm=norm is not None)
+        x = ops.dropout(x, drop_rate(self.head_drop, self.training))
+        if pre_logits or is_identity(self.head):
             return x
-        return ops.linear(x, cast(self.head.weight), cast(self.head.bias))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grid, reference_path = self._prepare(x)
-        if reference_path:
-            m = self.original
-            return m(x) if self._timm_takes(grid) else m.forward_head(self._timm_features(x, grid))
-        with explicit_dtypes(x):
-            tokens = self._encode(x, grid)
-            if self.pool == "token" and _is_identity(self.fc_norm) and not _is_identity(self.norm):
-                # LayerNorm then taking token 0 == taking token 0 then LayerNorm: one fused kernel
-                return self._head(tokens, self.norm)
-            return self._head(_layer_norm(self.norm, tokens), None)
+        cast = caster(dtype)
+        return ops.linear(cast(x), cast(self.head.weight), cast(self.head.bias))
 
 
-def _layer_norm(norm, x):
-    """Apply an nn.LayerNorm (or Identity) with the fused op, in x's dtype."""
-    if _is_identity(norm):
-        return x
-    cast = caster(x.dtype)
-    return ops.layer_norm(x, cast(norm.weight), cast(norm.bias), norm.eps)
+def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    """timm's forward_head: pool, fc_norm, head_drop, head, with the pooling and fc_norm in one kernel."""
+    _check_head(self)
+    pool = POOLS[self.global_pool]
+    start = self.num_prefix_tokens if pool == "mean" and not getattr(self, "pool_include_prefix", False) else 0
+    return _head(self, x, pool, start, None if is_identity(self.fc_norm) else self.fc_norm, pre_logits)
 
 
-def from_timm(model, dynamic_img_size: bool | None = None) -> TimmViT:
-    """Wrap a timm ``VisionTransformer`` so its forward runs on the fused kernels.
+def forward(self, x, attn_mask=None, is_causal=False) -> torch.Tensor:
+    """With token pooling and no fc_norm, the final LayerNorm then token 0 equals token 0 then the LayerNorm:
+    one fused kernel on B rows instead of a LayerNorm over all B x N tokens."""
+    if self.global_pool == "token" and is_identity(self.fc_norm) and isinstance(self.norm, nn.LayerNorm) \
+            and self.attn_pool is None and not self.norm._forward_hooks and not self.norm._forward_pre_hooks:
+        return _head(self, _trunk(self, x, attn_mask, is_causal), "token", 0, self.norm, False)
+    return self.forward_head(self.forward_features(x, attn_mask, is_causal))
 
-    The result has the same state_dict keys and shares the model's parameters (no copy).
-    ``dynamic_img_size``: None follows the model (timm's ``dynamic_img_size``); True accepts any image whose
-    sides are multiples of the patch size, resampling ``pos_embed`` exactly as timm's dynamic models do
-    (bicubic, antialiased, cached per size); False accepts only the model's ``img_size``.
+
+def patch_timm(model, dynamic_img_size: bool | None = None):
+    """Patch a timm ``VisionTransformer`` in place (see the module docstring); returns ``model``."""
+    check_supported(model)
+    if dynamic_img_size is not None and not isinstance(dynamic_img_size, bool):
+        raise TypeError(f"dynamic_img_size must be None, True or False, got {dynamic_img_size!r}")
+    for blk in model.blocks:
+        patch(blk, "forward", block_forward)
+    patch(model.patch_embed, "forward", patch_embed_forward)
+    for norm in (model.norm_pre, model.norm, model.fc_norm):
+        patch_layer_norm(norm)
+    for name, method in (("forward_features", forward_features), ("forward_head", forward_head),
+                         ("forward", forward)):
+        patch(model, name, method)
+    if dynamic_img_size is not None:
+        model.__dict__[DYNAMIC] = dynamic_img_size
+    return model
+
+
+def from_timm(model, dynamic_img_size: bool | None = None):
+    """Put a timm ``VisionTransformer`` on the fused kernels, in place; returns the same model.
+
+    ``dynamic_img_size``: None follows the model (timm's ``dynamic_img_size``); True lets ``model(x)`` and
+    ``forward_features`` take any image whose sides are multiples of the patch size, resampling ``pos_embed``
+    exactly as timm's dynamic models do (bicubic, antialiased, every forward); False accepts only the model's
+    ``img_size``. ``vit_kernels.restore(model)`` undoes the patch.
     """
-    return TimmViT(model, dynamic_img_size)
+    return patch_timm(model, dynamic_img_size)

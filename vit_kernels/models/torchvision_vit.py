@@ -1,7 +1,10 @@
-"""``TorchvisionViT``: a torchvision ``VisionTransformer`` (vit_b_16, ...) on the fused kernels, same keys.
+"""torchvision ``VisionTransformer`` (vit_b_16, ...) on the fused kernels, patched in place (``accelerate``).
 
-The wrapper *shares* the given model's parameters (no copy): training or loading weights into either one
-changes both. Features the kernels cannot honour raise ``NotImplementedError`` naming them.
+Patched on the user's own model: each ``EncoderBlock.forward`` (the fused block), ``encoder.ln`` (fused
+LayerNorm) and the model's ``forward`` (patch projection + class token + position embedding in one kernel, the
+blocks called as modules, then the final LayerNorm on the class token only, fused with the head). Every
+torchvision dropout runs inside the kernels in train mode. Features the kernels cannot compute raise
+``NotImplementedError`` when patching, naming the module.
 """
 from __future__ import annotations
 
@@ -10,23 +13,27 @@ from torch import nn
 
 from .. import ops
 from ._fused import (
-    SharedModel,
     caster,
-    check_matches_model,
+    check_head_dim,
+    check_image_batch,
+    check_input,
+    check_layer_norm,
+    classification_head,
     compute_dtype,
     drop_rate,
     encoder_block,
     explicit_dtypes,
+    patch_layer_norm,
 )
+from .patching import patch
 
 
 def _unsupported(feature: str):
-    raise NotImplementedError(f"TorchvisionViT: {feature} is not supported by the vit_kernels kernels")
+    raise NotImplementedError(f"accelerate (torchvision ViT): {feature} is not supported by the vit_kernels kernels")
 
 
 def _check_norm(name: str, module) -> None:
-    if not isinstance(module, nn.LayerNorm) or len(module.normalized_shape) != 1:
-        _unsupported(f"{name} of type {type(module).__name__} (norm_layer must be nn.LayerNorm)")
+    check_layer_norm(f"accelerate: {name}", module)
 
 
 def _gelu_mode(name: str, act) -> str:
@@ -35,7 +42,7 @@ def _gelu_mode(name: str, act) -> str:
     _unsupported(f"{name} activation {type(act).__name__} (only nn.GELU)")
 
 
-class _Weights:
+class Weights:
     """The (weight, bias) pair ``encoder_block`` reads, for parameters that do not live in an nn.Linear."""
 
     __slots__ = ("bias", "weight")
@@ -48,7 +55,7 @@ def check_supported(model) -> None:
     from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
     if not isinstance(model, VisionTransformer):
-        raise TypeError(f"TorchvisionViT expects a torchvision VisionTransformer, got {type(model).__name__}")
+        raise TypeError(f"accelerate expects a torchvision VisionTransformer, got {type(model).__name__}")
     conv = model.conv_proj
     if not isinstance(conv, nn.Conv2d):
         _unsupported(f"conv_stem_configs (a convolutional stem, conv_proj of type {type(conv).__name__})")
@@ -65,7 +72,7 @@ def check_supported(model) -> None:
     _check_norm("encoder.ln", model.encoder.ln)
     for i, blk in enumerate(model.encoder.layers):
         where = f"encoder.layers.{i}"
-        if type(blk) is not EncoderBlock:
+        if not isinstance(blk, EncoderBlock) or type(blk).forward is not EncoderBlock.forward:
             _unsupported(f"{where} of type {type(blk).__name__} (only torchvision's EncoderBlock)")
         _check_norm(f"{where}.ln_1", blk.ln_1)
         _check_norm(f"{where}.ln_2", blk.ln_2)
@@ -82,6 +89,7 @@ def check_supported(model) -> None:
             _unsupported(f"{where}.self_attention without bias (bias=False)")
         if not attn.batch_first:
             _unsupported(f"{where}.self_attention with batch_first=False")
+        check_head_dim(f"accelerate: {where}.self_attention", attn.embed_dim, attn.num_heads)
         mlp = blk.mlp
         if (not isinstance(mlp, nn.Sequential) or len(mlp) != 5 or not isinstance(mlp[0], nn.Linear)
                 or not isinstance(mlp[3], nn.Linear) or not isinstance(mlp[2], nn.Dropout)
@@ -91,54 +99,57 @@ def check_supported(model) -> None:
         _gelu_mode(f"{where}.mlp", mlp[1])
 
 
-class TorchvisionViT(SharedModel):
-    """A torchvision VisionTransformer's modules and parameters (shared, same names) with a fused forward.
+def block_forward(self, input: torch.Tensor) -> torch.Tensor:
+    """torchvision ``EncoderBlock.forward`` as one fused block (x's dtype; under autocast, x's dtype promoted
+    with autocast's, as torchvision's residual adds give)."""
+    if not isinstance(input, torch.Tensor) or input.dim() != 3:
+        raise ValueError(f"Expected (batch_size, seq_length, hidden_dim) got "
+                         f"{tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}")
+    check_input("torchvision EncoderBlock", self.ln_1.weight, input)
+    attn, mlp, training = self.self_attention, self.mlp, self.training
+    dtype = compute_dtype(input)
+    out_dtype, cast = torch.promote_types(input.dtype, dtype), caster(dtype)
+    with explicit_dtypes(input):
+        out = encoder_block(cast(input), self.ln_1, Weights(attn.in_proj_weight, attn.in_proj_bias), attn.out_proj,
+                            self.ln_2, mlp[0], mlp[3], cast, num_heads=attn.num_heads, qkv_interleaved=False,
+                            scaling="paper", activation=_gelu_mode("EncoderBlock.mlp", mlp[1]),
+                            attn_drop=attn.dropout if training else 0.0, proj_drop=drop_rate(self.dropout, training),
+                            hidden_drop=drop_rate(mlp[2], training), out_drop=drop_rate(mlp[4], training))
+    return out.to(out_dtype)
 
-    ``last_backend`` says which path the last forward took: ``"triton"`` or ``"torch"`` (CPU tensors without
-    ``TRITON_INTERPRET=1``). Train mode applies every torchvision dropout inside the kernels: after the
-    position embedding, on the attention probabilities (``nn.MultiheadAttention.dropout``), after the
-    attention and after each MLP Linear.
-    """
 
-    def __init__(self, model):
-        check_supported(model)
-        super().__init__(model)
-        self.image_size, self.patch_size = model.image_size, model.patch_size
-        self._activations = [_gelu_mode(f"encoder.layers.{i}.mlp", blk.mlp[1])
-                             for i, blk in enumerate(model.encoder.layers)]
+def _check_image(model, x: torch.Tensor) -> None:
+    check_image_batch(model.conv_proj, x)
+    if tuple(x.shape[2:]) != (model.image_size, model.image_size):
+        raise ValueError(f"image size {tuple(x.shape[2:])} differs from the model's image_size "
+                         f"({model.image_size}, {model.image_size}); torchvision's ViT does not interpolate "
+                         f"its position embedding either")
 
-    def _check_image(self, x: torch.Tensor) -> None:
-        conv = self.conv_proj
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
-            raise ValueError(f"expected a floating-point image batch [B, C, H, W], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.shape[1] != conv.in_channels:
-            raise ValueError(f"expected {conv.in_channels} input channels, got {x.shape[1]}")
-        if tuple(x.shape[2:]) != (self.image_size, self.image_size):
-            raise ValueError(f"image size {tuple(x.shape[2:])} differs from the model's image_size "
-                             f"({self.image_size}, {self.image_size}); torchvision's ViT does not interpolate "
-                             f"its position embedding either")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_image(x)
-        check_matches_model(self, x)
-        self.last_backend = ops.backend_for(x)
-        cast = caster(compute_dtype(x))
-        conv, encoder = self.conv_proj, self.encoder
-        with explicit_dtypes(x):
-            tokens = ops.patch_embed(cast(x), cast(conv.weight), cast(conv.bias), cast(self.class_token).view(1, -1),
-                                     cast(encoder.pos_embedding)[0], True)
-            training = self.training
-            tokens = ops.dropout(tokens, drop_rate(encoder.dropout, training))
-            for blk, activation in zip(encoder.layers, self._activations):
-                attn, mlp = blk.self_attention, blk.mlp
-                tokens = encoder_block(tokens, blk.ln_1, _Weights(attn.in_proj_weight, attn.in_proj_bias),
-                                       attn.out_proj, blk.ln_2, mlp[0], mlp[3], cast, num_heads=attn.num_heads,
-                                       qkv_interleaved=False, scaling="paper", activation=activation,
-                                       attn_drop=attn.dropout if training else 0.0,
-                                       proj_drop=drop_rate(blk.dropout, training),
-                                       hidden_drop=drop_rate(mlp[2], training), out_drop=drop_rate(mlp[4], training))
-            norm, head = encoder.ln, self.heads.head
-            # LayerNorm then taking token 0 == taking token 0 then LayerNorm: one fused kernel
-            return ops.classification_head(tokens, cast(norm.weight), cast(norm.bias), norm.eps,
-                                           cast(head.weight), cast(head.bias), pool="token", start=0)
+def forward(self, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's forward: one patch-embedding kernel, the (patched) blocks, then LayerNorm on the class
+    token only fused with the head (LayerNorm then token 0 == token 0 then LayerNorm)."""
+    _check_image(self, x)
+    conv, encoder = self.conv_proj, self.encoder
+    check_input("torchvision VisionTransformer", conv.weight, x)
+    dtype = compute_dtype(x)
+    with explicit_dtypes(x):
+        cast = caster(dtype)
+        tokens = ops.patch_embed(cast(x), cast(conv.weight), cast(conv.bias), cast(self.class_token).view(1, -1),
+                                 cast(encoder.pos_embedding)[0], True)
+        tokens = ops.dropout(tokens, drop_rate(encoder.dropout, self.training))
+    tokens = encoder.layers(tokens)
+    norm = encoder.ln
+    if norm._forward_hooks or norm._forward_pre_hooks:  # the user watches the LayerNorm: run it as a module
+        return self.heads(norm(tokens)[:, 0])
+    return classification_head(tokens, norm, self.heads.head, "token")
+
+
+def patch_torchvision(model):
+    """Patch a torchvision ``VisionTransformer`` in place (see the module docstring); returns ``model``."""
+    check_supported(model)
+    for blk in model.encoder.layers:
+        patch(blk, "forward", block_forward)
+    patch_layer_norm(model.encoder.ln)
+    patch(model, "forward", forward)
+    return model

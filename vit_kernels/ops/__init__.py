@@ -4,7 +4,7 @@ function in PyTorch otherwise; ``use_backend`` pins the choice, ``launch_counts`
 Each op module registers itself (``registry.register``) on import; this list of imports is the registry's
 only index. README.md here says how an op file is laid out and how to add one.
 """
-from .attention import attention
+from .attention import MAX_HEAD_DIM, attention
 from .attention_probs import attention_probabilities
 from .dispatch import backend_for, launch_counts, reset_launch_counts, use_backend
 from .dropout import dropout
@@ -14,6 +14,6 @@ from .linear import linear
 from .patch_embed import patch_embed
 from .registry import registered_ops
 
-__all__ = ["attention", "attention_probabilities", "backend_for", "classification_head", "dropout", "launch_counts",
-           "layer_norm", "linear", "patch_embed", "pool_tokens", "registered_ops", "reset_launch_counts",
-           "use_backend"]
+__all__ = ["MAX_HEAD_DIM", "attention", "attention_probabilities", "backend_for", "classification_head", "dropout",
+           "launch_counts", "layer_norm", "linear", "patch_embed", "pool_tokens", "registered_ops",
+           "reset_launch_counts", "use_backend"]

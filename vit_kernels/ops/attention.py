@@ -37,6 +37,8 @@ from .tl_helpers import tl_allowed_keys, tl_apply_dropout, tl_dropout_keep, tl_q
 LAYOUTS = ("h d qkv", "qkv h d")
 LOG2E = 1.4426950408889634
 
+MAX_HEAD_DIM = 256  # one head's q, k and v rows live in registers
+
 
 @triton.jit(do_not_specialize=["seed"])
 def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, N, H, E, qk_scale, out_scale,
@@ -392,8 +394,8 @@ def check_attention(qkv, num_heads, layout, scaling, mask, dropout=0.0) -> str:
         raise ValueError(f"mask is on {mask.device} but qkv is on {qkv.device}")
     check_sample_size("qkv", qkv.shape[1] * qkv.stride(1) if qkv.dim() == 3 and qkv.shape[1] else 0)
     head_dim = qkv.shape[2] // 3 // num_heads
-    if head_dim > 256:
-        raise ValueError(f"head_dim {head_dim} exceeds the kernel's maximum of 256")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} exceeds the kernel's maximum of {MAX_HEAD_DIM}")
     return scaling
 
 

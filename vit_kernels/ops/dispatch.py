@@ -1,6 +1,6 @@
 """The one dispatch path of every op: backend choice, then a direct launch or the torch.library op.
 
-Backend rule: a CUDA tensor, or any tensor when ``TRITON_INTERPRET=1`` was set before this package was
+Backend rule: a CUDA tensor, or a CPU tensor when ``TRITON_INTERPRET=1`` was set before this package was
 imported, runs the Triton kernels; otherwise the op computes the same function with PyTorch (its own
 ``<op>_torch`` fallback). ``use_backend`` pins the choice and ``launch_counts`` tells which kernels ran, so
 tests can prove it.
@@ -36,7 +36,8 @@ def use_backend(name: str):
 
 
 def kernels_available(t: torch.Tensor) -> bool:
-    return t.is_cuda or INTERPRET
+    """CUDA tensors; CPU tensors in the interpreter. Never meta tensors: their PyTorch path propagates shapes."""
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
 
 
 def use_kernels(*tensors: torch.Tensor | None) -> bool:

@@ -4,8 +4,14 @@
 Each epilogue piece (bias, GELU erf/tanh, dropout, per-feature scale = timm's LayerScale, residual add) is
 a constexpr flag, so qkv, proj(+dropout+residual), fc1(+GELU+dropout), fc2(+dropout+residual) and the head
 are one kernel source. Dropout masks come from Philox on (seed, row, column): backward regenerates them.
+
+W (and the bias) may also be up to three separate tensors stacked along the output rows (WEIGHT_BLOCKS): each
+output column reads the block holding its row of their concatenation, in place, so Hugging Face's separate
+q/k/v Linears feed one qkv GEMM with no concatenated copy of their parameters.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +26,7 @@ from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 from .tl_helpers import tl_apply_dropout, tl_gelu
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
+MAX_WEIGHT_BLOCKS = 3
 
 
 @triton.jit
@@ -32,14 +39,31 @@ def tl_weight_row(n, N, DEINTERLEAVE: tl.constexpr):
 
 
 @triton.jit
-def tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-              seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-              DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BRANCH_SCALE: tl.constexpr,
-              HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr):
+def tl_block_ptrs(row, col, split1, split2, p1, p2, p3, stride1, stride2, stride3, WEIGHT_BLOCKS: tl.constexpr):
+    """Pointers to (row, col) of the row-wise concatenation of up to three tensors (block 2 starts at row
+    split1, block 3 at split2), each with its own row stride: chosen per element, no copy. ``row`` and
+    ``col`` broadcast together; row's integer type sets the offsets' width. The choice is made on the final
+    pointers (not on row bases, then + col) so the compiler still sees ``col``'s contiguity and alignment:
+    a select on values that vary along an axis drops their known divisibility there."""
+    if WEIGHT_BLOCKS == 1:
+        return p1 + row * stride1 + col
+    ptrs = tl.where(row < split1, p1 + row * stride1 + col, p2 + (row - split1) * stride2 + col)
+    if WEIGHT_BLOCKS == 3:
+        ptrs = tl.where(row < split2, ptrs, p3 + (row - split2) * stride3 + col)
+    return ptrs
+
+
+@triton.jit
+def tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split1, split2, scale_ptr, branch_ptr,
+              res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample,
+              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+              HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr,
+              WEIGHT_BLOCKS: tl.constexpr):
     n_mask = offs_n < N
     if HAS_BIAS:
-        bias_idx = tl_weight_row(offs_n % N, N, DEINTERLEAVE)
-        acc += tl.load(bias_ptr + bias_idx, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        bias_ptrs = tl_block_ptrs(tl_weight_row(offs_n % N, N, DEINTERLEAVE), 0, split1, split2, bias_ptr, bias2_ptr,
+                                  bias3_ptr, 1, 1, 1, WEIGHT_BLOCKS)
+        acc += tl.load(bias_ptrs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == "gelu":
         acc = tl_gelu(acc, False)
     elif ACTIVATION == "gelu_tanh":
@@ -58,11 +82,12 @@ def tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, branch_ptr, res_
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _linear_kernel(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, M, N, K,
-                   stride_am, stride_wn, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample,
+def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr, scale_ptr, branch_ptr, res_ptr,
+                   out_ptr, M, N, K, split1, split2, stride_am, stride_wn, stride_wn2, stride_wn3, stride_rm,
+                   stride_om, seed, dropout_p, keep_scale, rows_per_sample,
                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
                    HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr,
+                   WEIGHT_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    SPLIT_EPILOGUE: tl.constexpr):
     # Grouped ordering: GROUP_M row-tiles share their W column-tiles while those sit in L2.
@@ -82,7 +107,9 @@ def _linear_kernel(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_p
     safe_m = (offs_m % M).to(tl.int64)
     w_row = tl_weight_row(offs_n % N, N, DEINTERLEAVE)
     a_ptrs = a_ptr + safe_m[:, None] * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + w_row.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+    # each column's weight row, in whichever block holds it: chosen once here, the loop only advances along K
+    w_ptrs = tl_block_ptrs(w_row.to(tl.int64)[None, :], offs_k[:, None], split1, split2, w_ptr, w2_ptr, w3_ptr,
+                           stride_wn, stride_wn2, stride_wn3, WEIGHT_BLOCKS)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
@@ -97,16 +124,18 @@ def _linear_kernel(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_p
         # two column halves, one after the other: half the epilogue registers, so wide tiles do not spill
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         offs_half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-        tl_epilogue(left, offs_m, offs_half, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm,
-                  stride_om, seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE,
-                  HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
-        tl_epilogue(right, offs_m, offs_half + BLOCK_N // 2, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr,
-                  stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT,
-                  HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
+        tl_epilogue(left, offs_m, offs_half, M, N, bias_ptr, bias2_ptr, bias3_ptr, split1, split2, scale_ptr,
+                  branch_ptr, res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample,
+                  HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE,
+                  WEIGHT_BLOCKS)
+        tl_epilogue(right, offs_m, offs_half + BLOCK_N // 2, M, N, bias_ptr, bias2_ptr, bias3_ptr, split1, split2,
+                  scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale,
+                  rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL,
+                  DEINTERLEAVE, WEIGHT_BLOCKS)
     else:
-        tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-                  seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE,
-                  HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE)
+        tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split1, split2, scale_ptr, branch_ptr,
+                  res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS,
+                  ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE, WEIGHT_BLOCKS)
 
 
 def training_epilogue_fits(meta: dict, flags: dict) -> bool:
@@ -128,28 +157,60 @@ LINEAR = Tuned(
         config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
         config(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
     ],
-    key=["M", "N", "K", "HAS_RESIDUAL", "ACTIVATION", "DROPOUT", "HAS_BRANCH_SCALE"],
+    key=["M", "N", "K", "HAS_RESIDUAL", "ACTIVATION", "DROPOUT", "HAS_BRANCH_SCALE", "WEIGHT_BLOCKS"],
     keep=lambda meta, flags: training_epilogue_fits(meta, flags),
     interpret_config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_EPILOGUE=True),
     arg_types={"branch_ptr": "*fp32", "dropout_p": "fp32", "keep_scale": "fp32"},
-    aligned=("stride_am", "stride_wn", "stride_rm", "stride_om", "K"),
+    aligned=("stride_am", "stride_wn", "stride_wn2", "stride_wn3", "stride_rm", "stride_om", "K", "split1", "split2"),
 )
 
 
-def check_linear(x, weight, bias, activation, scale, residual, deinterleave):
+def as_blocks(weight, bias):
+    """The public (weight, bias) as (weights, biases): tuples of the row blocks, a single tensor as one block;
+    biases is None or one bias per block. Only the container is checked here, the tensors in check_linear."""
+    if not isinstance(weight, (tuple, list)):
+        if isinstance(bias, (tuple, list)):
+            raise TypeError("bias is a tuple/list of blocks but weight is a single tensor; pass weight as blocks too")
+        return (weight,), None if bias is None else (bias,)
+    weights = tuple(weight)
+    if not 1 <= len(weights) <= MAX_WEIGHT_BLOCKS:
+        raise ValueError(f"weight as row blocks must hold 1 to {MAX_WEIGHT_BLOCKS} tensors, got {len(weights)}")
+    if bias is None:
+        return weights, None
+    if not isinstance(bias, (tuple, list)):
+        raise TypeError(f"bias must be None or a tuple/list of one 1-D tensor per weight block when weight is "
+                        f"blocks, got {type(bias).__name__}")
+    if len(bias) != len(weights):
+        raise ValueError(f"bias has {len(bias)} blocks but weight has {len(weights)}")
+    if all(b is None for b in bias):
+        return weights, None
+    if any(b is None for b in bias):
+        raise ValueError("bias blocks must be all tensors or all None, got a mix")
+    return weights, tuple(bias)
+
+
+def check_linear(x, weights, biases, activation, scale, residual, deinterleave):
+    """weights / biases: as_blocks' tuples (one entry: a plain weight, named "weight"; several: "weight[i]")."""
     check_tensor("x", x, dims=2)
-    check_tensor("weight", weight, dims=2, dtype=x.dtype)
-    check_device("weight", weight, x.device)
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"x has {x.shape[1]} features but weight expects {weight.shape[1]} "
-                         f"(weight shape {tuple(weight.shape)})")
-    n = weight.shape[0]
-    check_vector("bias", bias, n, x.dtype, x.device)
+    names = ["weight"] if len(weights) == 1 else [f"weight[{i}]" for i in range(len(weights))]
+    for name, weight in zip(names, weights):
+        check_tensor(name, weight, dims=2, dtype=x.dtype)
+        check_device(name, weight, x.device)
+        if weight.shape[1] != x.shape[1]:
+            raise ValueError(f"x has {x.shape[1]} features but {name} expects {weight.shape[1]} "
+                             f"({name} shape {tuple(weight.shape)})")
+    for i, weight in enumerate(weights):
+        check_vector(names[i].replace("weight", "bias"), None if biases is None else biases[i], weight.shape[0],
+                     x.dtype, x.device)
+    n = sum(weight.shape[0] for weight in weights)
     check_vector("scale", scale, n, x.dtype, x.device)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if isinstance(deinterleave, bool) or not isinstance(deinterleave, int) or deinterleave < 1 or n % deinterleave:
         raise ValueError(f"deinterleave must be a positive int dividing the {n} output features, got {deinterleave!r}")
+    if deinterleave > 1 and len(weights) > 1:
+        raise ValueError(f"deinterleave={deinterleave} reads one interleaved weight; it cannot combine with "
+                         f"{len(weights)} weight blocks")
     if residual is not None:
         check_tensor("residual", residual, dims=2, dtype=x.dtype)
         check_device("residual", residual, x.device)
@@ -157,30 +218,51 @@ def check_linear(x, weight, bias, activation, scale, residual, deinterleave):
             raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {(x.shape[0], n)}")
 
 
+def present(*tensors) -> list:
+    return [t for t in tensors if t is not None]
+
+
+def later_blocks(blocks) -> list:
+    """Blocks 2 and 3 of a tuple of blocks (or None), None where absent: the custom op's weight2, weight3 or
+    bias2, bias3."""
+    return [*(blocks or ())[1:], None, None][:2]
+
+
 def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1, dropout=0.0,
-                  seed=None, branch_scale=None, config=None):
+                  seed=None, branch_scale=None, weight2=None, weight3=None, bias2=None, bias3=None, config=None):
     """Launch the fused GEMM on 2-D ``x`` [M, K] and ``weight`` [N, K]; returns [M, N] in x's dtype.
     ``dropout`` > 0 needs ``seed`` (a ``new_seed()`` tensor); ``branch_scale`` is an fp32 [S] vector, S
-    dividing M, row m scaled by branch_scale[m // (M / S)]. ``config`` (a triton.Config) bypasses
-    autotuning: tests and the config sweep use it."""
-    x, weight = row_major(x), row_major(weight)
-    residual = None if residual is None else row_major(residual)
+    dividing M, row m scaled by branch_scale[m // (M / S)]. ``weight2``/``weight3`` (and ``bias2``/``bias3``,
+    given exactly when ``bias`` is) are further row blocks: the weight is cat([weight, weight2, weight3]),
+    read in place. ``config`` (a triton.Config) bypasses autotuning: tests and the config sweep use it."""
+    if weight3 is not None and weight2 is None:
+        raise ValueError("weight3 is given without weight2")
+    weights = [row_major(w) for w in present(weight, weight2, weight3)]
+    biases = None if bias is None else [row_major(b) for b in present(bias, bias2, bias3)]
+    if (biases is None and (bias2 is not None or bias3 is not None)) or (biases and len(biases) != len(weights)):
+        raise ValueError(f"{len(weights)} weight blocks need as many bias blocks (bias, bias2, bias3) or none")
+    x = row_major(x)
+    scale, residual, branch_scale = (None if t is None else row_major(t) for t in (scale, residual, branch_scale))
     M, K = x.shape
-    N = weight.shape[0]
+    rows = [w.shape[0] for w in weights]
+    N = sum(rows)
     out = new_output((M, N), x.device, x.dtype)
-    if M == 0:
+    if M == 0 or N == 0:
         return out
     dummy = x  # never read: its flag is off
+    w1, w2, w3 = (weights + [weights[0]] * 2)[:3]  # unused block slots repeat block 1: WEIGHT_BLOCKS skips them
+    b1, b2, b3 = (dummy,) * 3 if biases is None else (biases + [biases[0]] * 2)[:3]
     LINEAR.launch(
         lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),
-        x, weight, dummy if bias is None else bias, dummy if scale is None else scale,
+        x, w1, w2, w3, b1, b2, b3, dummy if scale is None else scale,
         dummy if branch_scale is None else branch_scale, dummy if residual is None else residual, out, M, N, K,
-        x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
-        *dropout_args(dropout, seed),
+        rows[0], rows[0] + (rows[1] if len(rows) > 1 else 0),
+        x.stride(0), w1.stride(0), w2.stride(0), w3.stride(0), 0 if residual is None else residual.stride(0),
+        out.stride(0), *dropout_args(dropout, seed),
         1 if branch_scale is None else M // branch_scale.shape[0],
-        HAS_BIAS=bias is not None, ACTIVATION=activation, DROPOUT=dropout > 0, HAS_SCALE=scale is not None,
+        HAS_BIAS=biases is not None, ACTIVATION=activation, DROPOUT=dropout > 0, HAS_SCALE=scale is not None,
         HAS_BRANCH_SCALE=branch_scale is not None, HAS_RESIDUAL=residual is not None, DEINTERLEAVE=deinterleave,
-        DOT_PRECISION=dot_precision(x.dtype), config=config)
+        WEIGHT_BLOCKS=len(weights), DOT_PRECISION=dot_precision(x.dtype), config=config)
     return out
 
 
@@ -194,20 +276,29 @@ def gelu_derivative(pre: torch.Tensor, activation: str) -> torch.Tensor:
     return 0.5 * (1 + torch.erf(x * 0.7071067811865476)) + x * torch.exp(-0.5 * x * x) * 0.3989422804014327
 
 
-def linear_backward(dy, x, weight, bias, activation, scale, deinterleave, dropout, seed, branch_scale, needs):
-    """(dx, dweight, dbias, dscale). The GEMMs are cuBLAS through torch.mm (allowed for the plain GEMMs of
-    backward); the pre-activation is recomputed with our kernel only when GELU or scale needs it, and the
-    dropout mask is regenerated from the seed by the dropout kernel."""
+# custom op argument positions of each weight / bias block, for needs_input_grad
+WEIGHT_ARGS, BIAS_ARGS, SCALE_ARG, RESIDUAL_ARG = (1, 10, 11), (2, 12, 13), 4, 5
+
+
+def linear_backward(dy, x, weights, biases, activation, scale, deinterleave, dropout, seed, branch_scale, needs):
+    """(dx, dweights, dbiases, dscale) for the weight blocks ``weights`` and bias blocks ``biases`` (None or
+    one per block; dweights / dbiases: one entry per block, None where not needed). The GEMMs are cuBLAS
+    through torch.mm (allowed for the plain GEMMs of backward): dW is one GEMM split into per-block views, dx
+    one GEMM on the blocks' concatenation (a backward-only temporary). The pre-activation is recomputed with
+    our kernel, reading the blocks in place, only when GELU or scale needs it, and the dropout mask is
+    regenerated from the seed by the dropout kernel."""
     dy32 = dy.float()
     if branch_scale is not None:  # each sample's rows carry its stochastic-depth factor
         dy32 = (dy32.view(branch_scale.shape[0], -1, dy32.shape[1]) * branch_scale[:, None, None]).view(dy32.shape)
-    need_pre = activation is not None or (scale is not None and needs[4])
-    pre = linear_op(x, weight, bias, None, None, None, deinterleave).float() if need_pre else None
+    pre = None
+    if activation is not None or (scale is not None and needs[SCALE_ARG]):
+        pre = linear_op(x, weights[0], None if biases is None else biases[0], None, None, None, deinterleave, 0.0,
+                        None, None, *later_blocks(weights), *later_blocks(biases)).float()
     if dropout:  # the same mask multiplies dy and the activation alike: regenerate it once, on dy
         dy32 = dropout_op(dy32, seed, dropout)
     dscale = None
     if scale is not None:
-        if needs[4]:
+        if needs[SCALE_ARG]:
             act = pre if activation is None else F.gelu(pre, approximate="tanh" if activation == "gelu_tanh"
                                                         else "none")
             dscale = (dy32 * act).sum(0).to(scale.dtype)
@@ -218,39 +309,60 @@ def linear_backward(dy, x, weight, bias, activation, scale, deinterleave, dropou
         m, n = dy32.shape
         dy32 = dy32.view(m, deinterleave, n // deinterleave).transpose(1, 2).reshape(m, n)
     g = dy32.to(x.dtype)
-    dx = torch.mm(g, weight) if needs[0] else None
-    dw = torch.mm(g.t(), x) if needs[1] else None
-    db = dy32.sum(0).to(bias.dtype) if bias is not None and needs[2] else None
-    return dx, dw, db, dscale
+    rows = [w.shape[0] for w in weights]
+
+    def per_block(t):  # one tensor over all blocks' rows -> a view per block
+        return (t,) if len(weights) == 1 else t.split(rows)
+
+    dx = None
+    if needs[0]:
+        dx = torch.mm(g, weights[0] if len(weights) == 1 else torch.cat(weights))
+    dws = [None] * len(weights)
+    if any(needs[i] for i in WEIGHT_ARGS[:len(weights)]):
+        dws = [dw if needs[i] else None for dw, i in zip(per_block(torch.mm(g.t(), x)), WEIGHT_ARGS)]
+    dbs = [None] * len(weights)
+    if biases is not None and any(needs[i] for i in BIAS_ARGS[:len(biases)]):
+        dbs = [db.to(b.dtype) if needs[i] else None for db, b, i in zip(per_block(dy32.sum(0)), biases, BIAS_ARGS)]
+    return dx, dws, dbs, dscale
 
 
 @torch.library.custom_op("vit_kernels::linear", mutates_args=())
 def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
               scale: torch.Tensor | None, residual: torch.Tensor | None, deinterleave: int,
               dropout: float = 0.0, seed: torch.Tensor | None = None,
-              branch_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The fused GEMM on 2-D x as a torch.library op (torch.compile sees through it)."""
-    return linear_launch(x, weight, bias, activation, scale, residual, deinterleave, dropout, seed, branch_scale)
+              branch_scale: torch.Tensor | None = None, weight2: torch.Tensor | None = None,
+              weight3: torch.Tensor | None = None, bias2: torch.Tensor | None = None,
+              bias3: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused GEMM on 2-D x as a torch.library op (torch.compile sees through it). weight2/weight3 and
+    bias2/bias3: further row blocks of the weight and bias (see linear_launch)."""
+    return linear_launch(x, weight, bias, activation, scale, residual, deinterleave, dropout, seed, branch_scale,
+                         weight2, weight3, bias2, bias3)
 
 
 @linear_op.register_fake
-def _(x, weight, bias, activation, scale, residual, deinterleave, dropout=0.0, seed=None, branch_scale=None):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+def _(x, weight, bias, activation, scale, residual, deinterleave, dropout=0.0, seed=None, branch_scale=None,
+      weight2=None, weight3=None, bias2=None, bias3=None):
+    return x.new_empty((x.shape[0], sum(w.shape[0] for w in present(weight, weight2, weight3))))
 
 
 def _linear_setup(ctx, inputs, output):
-    x, weight, bias, activation, scale, residual, deinterleave, dropout, seed, branch_scale = inputs
-    ctx.save_for_backward(x, weight, bias, scale, seed, branch_scale)
+    (x, weight, bias, activation, scale, residual, deinterleave, dropout, seed, branch_scale,
+     weight2, weight3, bias2, bias3) = inputs
+    ctx.save_for_backward(x, weight, bias, scale, seed, branch_scale, weight2, weight3, bias2, bias3)
     ctx.activation, ctx.deinterleave, ctx.has_residual, ctx.dropout = (activation, deinterleave,
                                                                        residual is not None, dropout)
 
 
 def _linear_grad(ctx, dy):
-    x, weight, bias, scale, seed, branch_scale = ctx.saved_tensors
+    x, weight, bias, scale, seed, branch_scale, weight2, weight3, bias2, bias3 = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    dx, dw, db, dscale = linear_backward(dy, x, weight, bias, ctx.activation, scale, ctx.deinterleave,
-                                         ctx.dropout, seed, branch_scale, needs)
-    return dx, dw, db, None, dscale, (dy if ctx.has_residual and needs[5] else None), None, None, None, None
+    weights = present(weight, weight2, weight3)
+    biases = None if bias is None else present(bias, bias2, bias3)
+    dx, dws, dbs, dscale = linear_backward(dy, x, weights, biases, ctx.activation, scale, ctx.deinterleave,
+                                           ctx.dropout, seed, branch_scale, needs)
+    dws, dbs = [*dws, None, None][:3], [*dbs, None, None][:3]
+    return (dx, dws[0], dbs[0], None, dscale, (dy if ctx.has_residual and needs[RESIDUAL_ARG] else None), None, None,
+            None, None, dws[1], dws[2], dbs[1], dbs[2])
 
 
 linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
@@ -258,7 +370,11 @@ linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 def linear_torch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1, dropout=0.0,
                  branch_scale=None):
-    """The PyTorch fallback, same semantics (its dropout masks come from torch's RNG, not Philox)."""
+    """The PyTorch fallback, same semantics (its dropout masks come from torch's RNG, not Philox). ``weight``
+    and ``bias`` may be row blocks (tuples/lists, as ``linear`` takes them): concatenated here."""
+    weights, biases = as_blocks(weight, bias)
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+    bias = None if biases is None else biases[0] if len(biases) == 1 else torch.cat(biases)
     y = F.linear(x, weight, bias)
     if deinterleave > 1:
         y = y.unflatten(-1, (-1, deinterleave)).transpose(-1, -2).flatten(-2)
@@ -285,7 +401,8 @@ def check_branch_scale(branch_scale, x) -> None:
     check_device("branch_scale", branch_scale, x.device)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
+def linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
+           bias: torch.Tensor | Sequence[torch.Tensor | None] | None = None, activation: str | None = None,
            scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
            deinterleave: int = 1, dropout: float = 0.0, branch_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``residual + scale * dropout(activation(x @ weight.T + bias))`` over the last axis of ``x`` (any
@@ -299,6 +416,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     deinterleave=G reads the weight rows (and bias) as interleaved groups, row j*G+g, and writes them grouped,
     column g*(N/G)+j: with G=3 the tutorial's "(h d qkv)" qkv weights give a "(qkv h d)" output, whose head
     dims are contiguous for attention. The scale and residual apply in output order.
+
+    Row blocks: ``weight`` may be a tuple/list of 1 to 3 2-D tensors [N_i, K] (row counts may differ), meaning
+    their concatenation along the rows, and ``bias`` then None or a matching tuple/list of 1-D [N_i] tensors
+    (all None counts as None). The kernel reads each block in place, no concatenated copy (e.g. Hugging Face's
+    separate query/key/value Linears as one qkv GEMM: ``linear(x, (wq, wk, wv), (bq, bk, bv))``); gradients
+    reach every block. Not combinable with deinterleave > 1.
     """
     check_tensor("x", x)
     if x.dim() < 2:
@@ -309,20 +432,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if residual is not None:
         check_tensor("residual", residual)
         res2 = residual.reshape(-1, residual.shape[-1]) if residual.shape[:-1] == lead else residual
-    check_linear(x2, weight, bias, activation, scale, res2, deinterleave)
+    weights, biases = as_blocks(weight, bias)
+    check_linear(x2, weights, biases, activation, scale, res2, deinterleave)
     check_probability("dropout", dropout)
     check_branch_scale(branch_scale, x)
+    n = sum(w.shape[0] for w in weights)
+    b1 = None if biases is None else biases[0]
+    blocks = () if len(weights) == 1 else (*later_blocks(weights), *later_blocks(biases))  # weight2, 3, bias2, 3
     return dispatch(
-        (x,), lambda: linear_torch(x, weight, bias, activation, scale, residual, deinterleave, dropout, branch_scale),
+        (x,), lambda: linear_torch(x, weights, biases, activation, scale, residual, deinterleave, dropout,
+                                   branch_scale),
         linear_op, linear_launch,
-        lambda: (x2, weight, bias, activation, scale, res2, deinterleave, float(dropout),
-                 new_seed() if dropout else None, branch_scale),
-        finish=lambda out: out.view(*lead, weight.shape[0]))
+        lambda: (x2, weights[0], b1, activation, scale, res2, deinterleave, float(dropout),
+                 new_seed() if dropout else None, branch_scale, *blocks),
+        finish=lambda out: out.view(*lead, n))
 
 
 # --- registry entry ----------------------------------------------------------------------------------------
 PLAIN = dict(HAS_BIAS=True, ACTIVATION=None, DROPOUT=False, HAS_SCALE=False, HAS_BRANCH_SCALE=False,
-             HAS_RESIDUAL=False, DEINTERLEAVE=1, DOT_PRECISION="tf32")
+             HAS_RESIDUAL=False, DEINTERLEAVE=1, WEIGHT_BLOCKS=1, DOT_PRECISION="tf32")
 VARIANTS = (
     # proj / fc2: layer scale + residual, with dropout and stochastic depth on or off
     *({**PLAIN, "DROPOUT": drop, "HAS_SCALE": True, "HAS_BRANCH_SCALE": branch, "HAS_RESIDUAL": True}
@@ -330,6 +458,7 @@ VARIANTS = (
     # fc1: GELU (erf or tanh), with dropout on or off
     *({**PLAIN, "ACTIVATION": act, "DROPOUT": drop} for act in ("gelu", "gelu_tanh") for drop in (False, True)),
     {**PLAIN, "DEINTERLEAVE": 3},  # the tutorial's qkv
+    {**PLAIN, "WEIGHT_BLOCKS": 3},  # Hugging Face's qkv: separate query/key/value weights and biases
     {**PLAIN, "HAS_BIAS": False},
 )
 
@@ -345,6 +474,10 @@ def _opcheck_samples(device):
         (linear_op, (r(9, 20), r(30, 20), r(30), None, r(30), r(9, 30), 1, 0.25, new_seed())),
         (linear_op, (r(9, 20), r(30, 20), r(30), None, r(30), r(9, 30), 1, 0.0, None,
                      torch.tensor([0.0, 1.5, 1.5], device=device))),
+        # row blocks: q/k/v-like weights and biases read in place, then two blocks of unequal rows, no bias
+        (linear_op, (r(9, 20), r(10, 20), r(10), "gelu", r(30), r(9, 30), 1, 0.0, None, None, r(10, 20), r(10, 20),
+                     r(10), r(10))),
+        (linear_op, (r(9, 20), r(7, 20), None, None, None, None, 1, 0.0, None, None, r(13, 20))),
     ]
 
 
@@ -364,6 +497,11 @@ def _grad_cases(device):
     cases.append(GradCase("stochastic depth",
                           lambda x, w, s, res: linear_op(x, w, None, "gelu", s, res, 1, 0.0, None, factors),
                           (r(6, 16), r(24, 16, scale=0.3), r(24), r(6, 24))))
+    cases.append(GradCase("3 weight/bias row blocks",
+                          lambda x, w, w2, w3, b, b2, b3, s, res: linear_op(x, w, b, "gelu", s, res, 1, 0.0, None, None,
+                                                                            w2, w3, b2, b3),
+                          (r(5, 16), r(8, 16, scale=0.3), r(8, 16, scale=0.3), r(8, 16, scale=0.3), r(8), r(8), r(8),
+                           r(24), r(5, 24))))
     return cases
 
 
@@ -374,7 +512,10 @@ def _examples(device, dtype, batch):
     x = r(batch, 5, 20)
     return [((x, r(30, 20, scale=0.3), r(30)), dict(activation="gelu", scale=r(30), residual=r(batch, 5, 30))),
             ((x, r(30, 20, scale=0.3)), dict(deinterleave=3)),
-            ((r(batch, 24), r(7, 24, scale=0.3), r(7)), dict(activation="gelu_tanh"))]
+            ((r(batch, 24), r(7, 24, scale=0.3), r(7)), dict(activation="gelu_tanh")),
+            # Hugging Face's q/k/v: three weight and bias blocks, read in place
+            ((x, tuple(r(10, 20, scale=0.3) for _ in range(3)), tuple(r(10) for _ in range(3))),
+             dict(scale=r(30), residual=r(batch, 5, 30)))]
 
 
 def _bench(size, batch, dtype, device):
