@@ -16,7 +16,7 @@ marker=$([ "${CAMPAIGN_FULL_TESTS:-0}" = 1 ] && echo "" || echo "-m gpu")
 python3 -m pytest -q $workers $marker 2>&1 | tee "$out/pytest.log" | tail -5
 tests=${PIPESTATUS[0]}
 cli="python3 -m vit_kernels.cli bench --out $out"
-$cli --model vit_b_16 --batch 1 8 32 64 128 256 --ops none --compile default max-autotune --compile-batches 1 256 \
+$cli --model vit_b_16 --batch 1 8 32 64 128 256 --ops none --compile default max-autotune reduce-overhead --compile-batches 1 256 \
     --train --train-batch 64 128 2>&1 | tee "$out/bench_vit_b16.log" | tail -35
 $cli --model vit_s_16 vit_l_16 --batch 1 64 256 --ops none --compile default --compile-batches 256 \
     2>&1 | tee "$out/bench_vit_s_l.log" | tail -15

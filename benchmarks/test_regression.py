@@ -46,7 +46,7 @@ def test_op(benchmark, op, fn):
                                        "reference eager"])
 @pytest.mark.parametrize("batch", [1, 64])
 def test_vit_b16(benchmark, candidate, batch):
-    model = build_candidates("vit_b_16", torch.bfloat16, "cuda")[candidate][0]
+    model = build_candidates("vit_b_16", torch.bfloat16, "cuda")[candidate].model
     x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
     benchmark.group = f"vit_b_16 batch {batch}"
     with torch.no_grad():

@@ -228,3 +228,24 @@ def test_vit_b16_training_step_with_dropout_and_stochastic_depth():
     for a, b in zip(*grads):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_e2e_bench_times_every_baseline():
+    """The end-to-end harness on a real card: every baseline row (cudnn.benchmark on and off, compiled timm in
+    default and CUDA-graph modes, ours compiled), CUDA-graph replays of the eager candidates, interleaved rounds,
+    and a headline whose missing figures carry reasons (a tiny fp16 run: not the bf16 ViT-B/16 headline)."""
+    from vit_kernels.bench import run_e2e
+
+    result = run_e2e(["tiny"], [1], torch.float16, compile_modes=("default", "reduce-overhead"), repeats=2,
+                     progress=lambda *_: None)
+    rows = {r["candidate"]: r for r in result["rows"]}
+    assert {"timm eager (SDPA)", "timm eager (SDPA, cudnn.benchmark off)", "ours (from_timm)", "reference eager",
+            "ours (tutorial ViT)", "timm torch.compile (default)", "timm torch.compile (reduce-overhead)",
+            "ours (from_timm) torch.compile (default)"} == set(rows)
+    assert all(len(r["rounds"]) == 2 and r["ms_min"] <= r["ms"] <= r["ms_max"] for r in rows.values())
+    assert all(rows[c]["graph_ms"] for c in ("timm eager (SDPA)", "ours (from_timm)", "reference eager"))
+    assert rows["timm torch.compile (default)"]["graph_ms"] is None
+    head, missing = result["headline"], result["headline_missing"]
+    assert head["gpu"] and head["torch"] and head["peak_gemm_tflops"] > 0
+    assert set(missing) == {k for k, v in head.items() if v is None} and "bs256_img_s" in missing

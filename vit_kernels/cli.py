@@ -54,7 +54,9 @@ def cmd_bench(args) -> int:
     import torch
 
     from .bench import on_gpu, run_e2e, run_ops, run_train
-    from .bench.report import e2e_table, ops_table, plot_e2e, plot_ops, train_table
+    from .bench.e2e import merge_headline
+    from .bench.ops import ops_headline
+    from .bench.report import NO_MATPLOTLIB, e2e_table, have_matplotlib, ops_table, plot_e2e, plot_ops, train_table
     from .bench.timing import save_json
 
     gpu = on_gpu()
@@ -66,36 +68,38 @@ def cmd_bench(args) -> int:
     models = args.model or (["vit_s_16", "vit_b_16", "vit_l_16"] if gpu else ["tiny"])
     batches = args.batch or ([1, 8, 32, 64, 128, 256] if gpu else [2])
     op_names = [] if args.ops == ["none"] else (args.ops or op_choices())
-    compile_modes = [] if args.compile == ["none"] else (args.compile or ["default", "max-autotune"])
+    compile_modes = [] if args.compile == ["none"] else (args.compile or ["default", "max-autotune", "reduce-overhead"])
     print(f"vit_kernels {__version__} benchmarks on {where}")
     if not gpu:
         print(CPU_NOTICE)
     out = args.out
-    tables = []
-    train_head = {}
+    results = {}  # kind -> (result, tag, table writer, plot writer); saved once every headline figure is in
     if args.train:
-        train_batches = args.train_batch or ([64, 128] if gpu else [2])
         train_models = args.model or (["vit_b_16"] if gpu else ["tiny"])
-        result = run_train(train_models, train_batches, dtype, compile_modes[:1])
-        path = save_json(out, "train", result, tag="-".join(train_models))
-        tables.append(train_table(result))
-        train_head = {k: v for k, v in result["headline"].items() if v is not None}
-        print(f"saved {path}")
-    if not args.no_e2e:
-        result = run_e2e(models, batches, dtype, compile_modes, compile_batches=args.compile_batches)
-        result["headline"].update({k: v for k, v in train_head.items() if k in result["headline"]})
-        path = save_json(out, "e2e", result, tag="-".join(models))
-        plot = plot_e2e(result, path.with_suffix(".png"))
-        tables.append(e2e_table(result))
-        print(f"saved {path} and {plot}")
+        result = run_train(train_models, args.train_batch or ([64, 128] if gpu else [2]), dtype, compile_modes[:1])
+        results["train"] = (result, "-".join(train_models), train_table, None)
     if op_names:
         op_models = args.model or (["vit_b_16"] if gpu else ["tiny"])
-        op_batches = args.batch or ([256] if gpu else [2])
-        result = run_ops(op_names, op_models, op_batches, dtype, compile_baselines=bool(compile_modes))
-        path = save_json(out, "ops", result, tag="-".join(op_models))
-        plot = plot_ops(result, path.with_suffix(".png"))
-        tables.append(ops_table(result))
-        print(f"saved {path} and {plot}")
+        result = run_ops(op_names, op_models, args.batch or ([256] if gpu else [2]), dtype,
+                         compile_baselines=bool(compile_modes))
+        results["ops"] = (result, "-".join(op_models), ops_table, plot_ops)
+    if not args.no_e2e:
+        result = run_e2e(models, batches, dtype, compile_modes, compile_batches=args.compile_batches,
+                         repeats=args.repeats or (3 if gpu else 1))
+        merge_headline(result, results["train"][0]["headline"] if "train" in results else {})
+        merge_headline(result, ops_headline(results["ops"][0]) if "ops" in results else {})
+        results["e2e"] = (result, "-".join(models), e2e_table, plot_e2e)
+    tables = []
+    for kind in ("train", "e2e", "ops"):
+        if kind not in results:
+            continue
+        result, tag, table, plot = results[kind]
+        path = save_json(out, kind, result, tag=tag)
+        tables.append(table(result))
+        if plot is not None and have_matplotlib():
+            print(f"saved {path} and {plot(result, path.with_suffix('.png'))}")
+        else:
+            print(f"saved {path}" + ("" if plot is None else f" ({NO_MATPLOTLIB})"))
     print()
     print("\n\n".join(tables))
     if not gpu:
@@ -153,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: bfloat16 on a GPU, float32 on a CPU")
     bench.add_argument("--ops", nargs="+", choices=[*op_choices(), "none"],
                        help="per-op benchmarks to run (default: all; 'none' skips them)")
-    bench.add_argument("--compile", nargs="+", choices=["default", "max-autotune", "none"],
-                       help="torch.compile baselines (GPU only; default: default max-autotune)")
+    bench.add_argument("--compile", nargs="+", choices=["default", "max-autotune", "reduce-overhead", "none"],
+                       help="torch.compile baselines (GPU only; default: default max-autotune reduce-overhead; "
+                            "reduce-overhead, CUDA graphs, runs at batch <= 64 only); 'default' also compiles ours")
+    bench.add_argument("--repeats", type=positive_int,
+                       help="interleaved rounds of the end-to-end timing (default: 3 on a GPU, 1 on a CPU)")
     bench.add_argument("--compile-batches", nargs="+", type=positive_int,
                        help="batches at which the torch.compile baselines run (default: all; compiling is slow)")
     bench.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model benchmark")

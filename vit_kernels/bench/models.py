@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
@@ -33,8 +34,32 @@ def timm_model(name: str):
     return timm.create_model(CONFIGS[name]["timm"], pretrained=False, **timm_kwargs(name, num_classes=1000))
 
 
+TIMM, TIMM_NO_CUDNN_BENCHMARK, OURS = "timm eager (SDPA)", "timm eager (SDPA, cudnn.benchmark off)", "ours (from_timm)"
+GRAPH_MAX_BATCH = 64  # eager candidates are also timed as a CUDA-graph replay up to this batch
+REDUCE_OVERHEAD_MAX_BATCH = 64  # torch.compile(mode="reduce-overhead"): the serving baseline, small batches
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A model in the comparison: the candidate it is checked against, the cudnn.benchmark setting it is timed
+    with (timm's own benchmark.py turns it on: its patch-embedding conv is 9x faster on an H100), whether it is
+    also timed as a CUDA-graph replay (eager candidates), and the batches it runs at (None: all)."""
+
+    model: torch.nn.Module
+    twin: str | None = None
+    cudnn_benchmark: bool = True
+    graph: bool = True
+    max_batch: int | None = None
+
+    def runs_at(self, batch: int) -> bool:
+        return self.max_batch is None or batch <= self.max_batch
+
+
 def build_candidates(name: str, dtype: torch.dtype, device, compile_modes=()) -> dict:
-    """{candidate: (model, the candidate it is checked against)}; all share one set of random weights.
+    """{name: Candidate}, all with one set of random weights: timm eager with cudnn.benchmark on (and a labelled
+    row with it off), ours (``from_timm``) eager, the reference and the tutorial-flavour ``vit_kernels.ViT``; with
+    ``compile_modes`` also timm under ``torch.compile`` in each mode (``"reduce-overhead"``: CUDA graphs, batch <=
+    64 only) and ours under ``torch.compile`` (default mode).
 
     ``vit_kernels.from_timm`` patches the model it is given in place, so the accelerated candidate is a deep copy
     of the timm model: the timm baselines (eager and compiled) keep timm's own forward."""
@@ -48,12 +73,17 @@ def build_candidates(name: str, dtype: torch.dtype, device, compile_modes=()) ->
     timm_eager = timm_model(name).to(device, dtype).eval()
     ours_timm = vit_kernels.from_timm(copy.deepcopy(timm_eager))  # in place: on a copy, not the baseline
     candidates = {
-        "timm eager (SDPA)": (timm_eager, None),
-        "ours (from_timm)": (ours_timm, "timm eager (SDPA)"),
-        "reference eager": (ref, None),
-        "ours (tutorial ViT)": (ours, "reference eager"),
+        TIMM: Candidate(timm_eager),
+        TIMM_NO_CUDNN_BENCHMARK: Candidate(timm_eager, TIMM, cudnn_benchmark=False),
+        OURS: Candidate(ours_timm, TIMM),
+        "reference eager": Candidate(ref),
+        "ours (tutorial ViT)": Candidate(ours, "reference eager"),
     }
     for mode in compile_modes:
         compiled = torch.compile(timm_eager, mode=None if mode == "default" else mode, dynamic=False)
-        candidates[f"timm torch.compile ({mode})"] = (compiled, "timm eager (SDPA)")
+        candidates[f"timm torch.compile ({mode})"] = Candidate(
+            compiled, TIMM, graph=False, max_batch=REDUCE_OVERHEAD_MAX_BATCH if mode == "reduce-overhead" else None)
+    if compile_modes:
+        candidates[f"{OURS} torch.compile (default)"] = Candidate(torch.compile(ours_timm, dynamic=False), TIMM,
+                                                                 graph=False)
     return candidates

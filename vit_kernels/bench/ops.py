@@ -107,3 +107,14 @@ def _run_case(op: str, shape: str, case: BenchCase, compile_baselines: bool, pea
         for r in rows:
             r["speedup_ours_vs_best_baseline"] = best / timings["ours"]
     return rows
+
+
+def ops_headline(result: dict) -> dict:
+    """The headline's attention figure: ViT-B/16 at batch 256 (N = 197, 12 heads x 64) in bf16 on a GPU, the
+    fastest SDPA backend's time over ours; {} when this run did not measure it."""
+    if result["device"]["gpu"] is None or result["dtype"] != "bfloat16":
+        return {}
+    here = [r for r in result["rows"] if r["op"] == "attention" and r["shape"] == "vit_b_16 B=256"]
+    ours = next((r["ms"] for r in here if r["impl"] == "ours"), None)
+    sdpa = [r["ms"] for r in here if r["impl"].startswith("sdpa")]
+    return {"attention_n197_vs_best_sdpa": min(sdpa) / ours} if ours and sdpa else {}

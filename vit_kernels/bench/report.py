@@ -1,4 +1,4 @@
-"""Markdown tables and matplotlib plots of benchmark results."""
+"""Markdown tables and matplotlib plots of benchmark results (plots only where matplotlib is installed)."""
 from __future__ import annotations
 
 import pathlib
@@ -19,9 +19,15 @@ def e2e_table(result: dict) -> str:
         (r["model"], r["batch"], r["candidate"], f"{r['ms']:.3f}", f"{r['img_per_s']:.0f}", _fmt(r["mfu"], ".1%"),
          _fmt(r["graph_ms"], ".3f"), f"{r['speedup_vs_timm_eager']:.2f}x") for r in result["rows"]))
     head = result.get("headline") or {}
-    if any(v is not None for v in head.values()):
-        lines += ["", "headline (ViT-B/16, bf16): " + ", ".join(f"{k}={_fmt(v, '.4g') if isinstance(v, float) else v}"
-                                                               for k, v in head.items())]
+    measured = {k: v for k, v in head.items() if v is not None and k not in ("torch", "triton")}
+    if measured:
+        lines += ["", "headline (ViT-B/16, bf16, from_timm vs timm): " + ", ".join(
+            f"{k}={_fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in measured.items())]
+    missing = result.get("headline_missing") or {}
+    by_reason: dict = {}
+    for key, why in missing.items():
+        by_reason.setdefault(why, []).append(key)
+    lines += [f"headline not measured, {why}: {', '.join(keys)}" for why, keys in by_reason.items()]
     return "\n".join(lines)
 
 
@@ -36,6 +42,15 @@ def ops_table(result: dict) -> str:
         ["op", "shape", "implementation", "ms", "TFLOP/s", "GB/s", "% of peak", "ours is faster by"],
         ((r["op"], r["shape"], r["impl"], f"{r['ms']:.4f}", _fmt(r["tflops"], ".1f"), _fmt(r["gbps"], ".0f"),
           _fmt(r["frac_of_peak"], ".0%"), f"{r['ours_speedup']:.2f}x") for r in result["rows"])))
+
+
+NO_MATPLOTLIB = "matplotlib is not installed: no plot (pip install matplotlib, or pip install -e '.[bench]')"
+
+
+def have_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot_e2e(result: dict, path) -> pathlib.Path:

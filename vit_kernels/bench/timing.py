@@ -16,12 +16,23 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def time_ms(fn, warmup: int = 25, rep: int = 100) -> float:
-    """Median milliseconds of ``fn``: triton.testing.do_bench on a GPU, perf_counter repeats on a CPU."""
-    if on_gpu():
-        import triton
+MIN_MS, MIN_SAMPLES = 1000.0, 50  # every GPU figure: at least 1 s of samples and at least 50 of them
 
-        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+def _bench(fn, warmup_ms: float = 100.0) -> float:
+    """Median ms of ``fn`` by triton.testing.do_bench over max(1 s, 50 runs)."""
+    import triton
+
+    estimate = triton.testing.do_bench(fn, warmup=warmup_ms, rep=50, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=max(MIN_MS, 1.2 * MIN_SAMPLES * estimate),
+                                   return_mode="median")
+
+
+def time_ms(fn) -> float:
+    """Median milliseconds of ``fn``: on a GPU triton.testing.do_bench over at least 1 s and 50 samples; on a CPU
+    (labelled, tiny) three perf_counter repeats."""
+    if on_gpu():
+        return _bench(fn)
     fn()
     samples = []
     for _ in range(3):
@@ -31,13 +42,20 @@ def time_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return statistics.median(samples)
 
 
+def clock_mhz() -> int | None:
+    """The GPU's current SM clock (nvidia-smi), or None where it cannot be read."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+        return int(out[0]) if out else None
+    return None
+
+
 def cuda_graph_ms(fn) -> float | None:
     """Median milliseconds of a CUDA-graph replay of ``fn`` (launch overhead removed); None on a CPU or if the
     function cannot be captured."""
     if not on_gpu():
         return None
-    import triton
-
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -51,7 +69,7 @@ def cuda_graph_ms(fn) -> float | None:
     except Exception:  # a function that cannot be captured (host syncs, its own graphs): no graph figure
         torch.cuda.synchronize()
         return None
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median")
+    return _bench(graph.replay)
 
 
 _peaks: dict = {}

@@ -11,10 +11,8 @@ import gc
 import torch
 import torch.nn.functional as F
 
-from .models import CONFIGS, timm_model, tutorial_model
+from .models import CONFIGS, OURS, TIMM, timm_model, tutorial_model
 from .timing import device_info, on_gpu, time_ms
-
-OURS, TIMM = "ours (from_timm)", "timm eager (SDPA)"
 
 
 def _builders(name: str, device, compile_modes) -> dict:
@@ -84,7 +82,7 @@ def run_train(models=("vit_b_16",), batches=(64, 128), dtype=torch.bfloat16, com
                 if on_gpu():
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                ms = time_ms(step, warmup=5, rep=50)
+                ms = time_ms(step)
                 peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu() else None
                 rows.append(dict(model=name, batch=batch, dtype=str(dtype).replace("torch.", ""), candidate=cand,
                                  ms=ms, img_per_s=batch / ms * 1e3, peak_mib=peak, first_loss=loss,

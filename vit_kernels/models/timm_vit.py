@@ -10,6 +10,7 @@ Features the kernels cannot compute raise ``NotImplementedError`` when patching,
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -44,13 +45,19 @@ def _unsupported(feature: str):
 
 def _gelu_mode(where: str, act) -> str:
     """nn.GELU (exact or tanh) and timm's own GELU / GELUTanh modules; anything else is refused."""
-    from timm.layers.activations import GELU, GELUTanh
-
     if type(act) is nn.GELU:
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"
-    if type(act) in (GELU, GELUTanh):
-        return "gelu_tanh" if type(act) is GELUTanh else "gelu"
-    _unsupported(f"{where} activation {type(act).__name__} (only GELU, exact or tanh)")
+    mode = _timm_gelus().get(type(act))
+    if mode is None:
+        _unsupported(f"{where} activation {type(act).__name__} (only GELU, exact or tanh)")
+    return mode
+
+
+@functools.cache
+def _timm_gelus() -> dict:
+    from timm.layers.activations import GELU, GELUTanh
+
+    return {GELU: "gelu", GELUTanh: "gelu_tanh"}
 
 
 def _check_layer_scale(where: str, module) -> None:
@@ -218,10 +225,11 @@ def forward_features(self, x, attn_mask=None, is_causal=False) -> torch.Tensor:
     return self.norm(_trunk(self, x, attn_mask, is_causal))
 
 
-def _head(self, x, pool: str, start: int, norm, pre_logits: bool) -> torch.Tensor:
-    """Pool (+ LayerNorm ``norm``, fused into the pooling kernel) + head dropout + head Linear."""
-    if norm is not None and autocast_on(x):
-        x = x.float()  # as timm's LayerNorm under autocast: fp32
+def _head(self, x, pool: str, start: int, norm, pre_logits: bool, fp32_norm: bool) -> torch.Tensor:
+    """Pool (+ LayerNorm ``norm``, fused into the pooling kernel) + head dropout + head Linear. ``fp32_norm``:
+    pool and normalize in fp32, as timm's LayerNorm under autocast returns fp32 (for pre-logit features)."""
+    if fp32_norm:
+        x = x.float()
     dtype = compute_dtype(x)
     with explicit_dtypes(x):
         cast = caster(x.dtype)
@@ -239,7 +247,8 @@ def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tenso
     _check_head(self)
     pool = POOLS[self.global_pool]
     start = self.num_prefix_tokens if pool == "mean" and not getattr(self, "pool_include_prefix", False) else 0
-    return _head(self, x, pool, start, None if is_identity(self.fc_norm) else self.fc_norm, pre_logits)
+    norm = None if is_identity(self.fc_norm) else self.fc_norm
+    return _head(self, x, pool, start, norm, pre_logits, fp32_norm=norm is not None and autocast_on(x))
 
 
 def forward(self, x, attn_mask=None, is_causal=False) -> torch.Tensor:
@@ -247,7 +256,8 @@ def forward(self, x, attn_mask=None, is_causal=False) -> torch.Tensor:
     one fused kernel on B rows instead of a LayerNorm over all B x N tokens."""
     if self.global_pool == "token" and is_identity(self.fc_norm) and isinstance(self.norm, nn.LayerNorm) \
             and self.attn_pool is None and not self.norm._forward_hooks and not self.norm._forward_pre_hooks:
-        return _head(self, _trunk(self, x, attn_mask, is_causal), "token", 0, self.norm, False)
+        # logits only: the pooled row is normalized in the compute dtype (no fp32 copy of the tokens)
+        return _head(self, _trunk(self, x, attn_mask, is_causal), "token", 0, self.norm, False, fp32_norm=False)
     return self.forward_head(self.forward_features(x, attn_mask, is_causal))
 
 
