@@ -21,6 +21,7 @@ $cli --model vit_b_16 --batch 1 8 32 64 128 256 --ops none --compile default max
 $cli --model vit_s_16 vit_l_16 --batch 1 64 256 --ops none --compile default --compile-batches 256 \
     2>&1 | tee "$out/bench_vit_s_l.log" | tail -15
 $cli --model vit_b_16 vit_l_16 --batch 64 256 --no-e2e --compile none 2>&1 | tee "$out/bench_ops.log" | tail -40
+$cli --model vit_b_16 --batch 1 64 256 --no-e2e --ops none --breakdown 2>&1 | tee "$out/bench_breakdown.log" | tail -50  # where the time goes: kernel time per category (GEMM, attention, LayerNorm, patch embed, other), rates vs peak and the launch/host gap, ours vs timm eager (~1 min)
 echo
 echo "== campaign summary ($(( $(date +%s) - start )) s) =="
 tail -3 "$out/pytest.log"

@@ -169,3 +169,125 @@ def test_readme_tables_put_like_for_like_first(tmp_path):
     readme_path.write_text("intro\n" + readme.BEGIN.format("`old`") + "\nold\n" + readme.END + "\noutro\n")
     assert readme.main([str(path), "--write", str(readme_path)]) == 0
     assert readme_path.read_text() == "intro\n" + readme.tables(result, str(path)) + "\noutro\n"
+
+
+def test_cpu_breakdown_attributes_interpreted_kernels_and_aten_ops(tmp_path, capsys):
+    """`bench --breakdown` on a CPU: ours (Triton-interpreter launches, named after their kernels while profiled)
+    and timm eager (top-level aten ops) split into the same categories; times only, no rates or peaks."""
+    from vit_kernels.bench.breakdown import ORDER
+
+    assert cli.main(["bench", "--breakdown", "--no-e2e", "--ops", "none", "--batch", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("real numbers need a GPU") == 2
+    assert "| tiny | 2 | ours (from_timm) | gemm |" in out and "| tiny | 2 | timm eager (SDPA) | attention |" in out
+    assert "gap ms (wall - kernels)" in out
+    result = json.loads(next(tmp_path.glob("breakdown_tiny_cpu_*.json")).read_text())
+    assert result["benchmark"] == "breakdown" and result["device"]["gpu"] is None
+    assert result["peaks"] == dict(gemm_tflops=None, copy_gbps=None)
+    rows = {r["candidate"]: r for r in result["rows"]}
+    assert set(rows) == {"ours (from_timm)", "timm eager (SDPA)"}
+    depth = CONFIGS["tiny"]["depth"]
+    expected = {  # top kernel / op, launches per forward (4 GEMMs per block + the head)
+        "ours (from_timm)": dict(gemm=("_linear_kernel", 4 * depth + 1), attention=("_attention_fwd_kernel", depth),
+                                 layer_norm=("_layer_norm_fwd_kernel", 2 * depth),  # the final one: in the pooling
+                                 patch_embed=("_patch_embed_kernel", 1)),
+        "timm eager (SDPA)": dict(gemm=("aten::linear", 4 * depth + 1),
+                                  attention=("aten::scaled_dot_product_attention", depth),
+                                  layer_norm=("aten::layer_norm", 2 * depth + 1), patch_embed=("aten::conv2d", 1)),
+    }
+    for cand, r in rows.items():
+        assert (r["model"], r["batch"], r["dtype"], r["forwards"]) == ("tiny", 2, "float32", 1)
+        assert tuple(r["categories"]) == ORDER
+        assert r["wall_ms"] > 0 and r["kernel_ms"] > 0
+        assert r["gap_ms"] == pytest.approx(r["wall_ms"] - r["kernel_ms"])
+        assert sum(c["share"] for c in r["categories"].values()) == pytest.approx(1.0)
+        for cat, (top, launches) in expected[cand].items():
+            c = r["categories"][cat]
+            assert c["ms"] > 0 and c["launches"] == launches and c["top"][0]["name"] == top, (cand, cat, c)
+            assert sum(k["launches"] for k in c["top"]) == launches
+        assert all(c["tflops"] is None and c["gbps"] is None and c["frac_of_peak"] is None
+                   for c in r["categories"].values())
+    assert "_pool_norm_kernel" in {k["name"] for k in rows["ours (from_timm)"]["categories"]["other"]["top"]}
+    # ours in the interpreter: the launches are nearly all of the forward (the rest: Python between them)
+    assert rows["ours (from_timm)"]["categories"]["gemm"]["ms"] > rows["ours (from_timm)"]["categories"]["other"]["ms"]
+
+
+def test_breakdown_classifies_real_kernel_names():
+    """Kernel names as CUPTI reports them on an H100 (ours, cuBLAS, cuDNN, FlashAttention, PyTorch) and the CPU
+    form's aten ops."""
+    from vit_kernels.bench.breakdown import classify
+
+    names = {
+        "gemm": ["_linear_kernel",
+                 ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off"
+                  "_kernel__5x_cublas"), "nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN",
+                 ("cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_bf16_bf16_256x128x64_1x2x1_0_tnn_align8_warpspecialized"
+                  "_cooperative_epi_tma"), "ampere_fp16_s16816gemm_fp16_64x64_ldg8_f2f_stages_64x5_tn",
+                 "void gemv2T_kernel_val<int, int, __half, __half, float, float, 128, 16, 4, 4, false, false>()",
+                 "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float>()",
+                 "aten::linear", "aten::addmm", "aten::mm"],
+        "attention": ["_attention_fwd_kernel", "_attention_probs_kernel",
+                      ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, "
+                       "cutlass::bfloat16_t, Flash_kernel_traits<64, 128, 128, 4, cutlass::bfloat16_t> >, false>("
+                       "pytorch_flash::Flash_fwd_params)"),
+                      ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::"
+                       "bfloat16_t, cutlass::arch::Sm80, true, 64, 64, 64, true, true>::Params)"),
+                      "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0",
+                      "aten::scaled_dot_product_attention"],
+        "layer_norm": ["_layer_norm_fwd_kernel",
+                       ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>("
+                        "int, float, c10::BFloat16 const*, c10::BFloat16 const*, c10::BFloat16 const*, float*, "
+                        "float*, c10::BFloat16*)"), "aten::layer_norm"],
+        "patch_embed": ["_patch_embed_kernel",
+                        ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_"
+                         "warpgroupsize1x1x1_g1_execute_segment_k_off_kernel__5x_cudnn"),
+                        ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, "
+                         "false, true, (cudnnKernelDataType_t)2>(cudnn::engines_precompiled::nchw2nhwc_params_t<"
+                         "float>, __nv_bfloat16 const*, __nv_bfloat16*)"), "aten::conv2d"],
+        "other": ["_pool_norm_kernel", "_dropout_kernel",
+                  ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl(at::"
+                   "TensorIteratorBase&, at::native::GeluType)::{lambda()#2}::operator()() const::{lambda()#4}::"
+                   "operator()() const::{lambda(c10::BFloat16)#1}, std::array<char*, 2ul> >(int, ...)"),
+                  ("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::"
+                   "CUDAFunctor_add<c10::BFloat16> >(at::TensorIteratorBase&, ...)::{lambda(int)#1}>(int, ...)"),
+                  ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::"
+                   "OpaqueType<2u>, unsigned int, 3, 64, 64>(...)"), "Memcpy DtoD (Device -> Device)",
+                  "aten::gelu", "aten::add", "aten::empty"],
+    }
+    assert {name: classify(name) for cat in names for name in names[cat]} == {
+        name: cat for cat in names for name in names[cat]}
+
+
+def test_breakdown_rates_and_table_from_kernel_times(monkeypatch):
+    """The GPU form's arithmetic on made-up kernel times (2 forwards of ViT-B/16 at batch 2): per-forward times
+    and launches, shares, the gap to the wall, TFLOP/s and GB/s from the config's work and the peak fractions."""
+    from vit_kernels.bench import breakdown
+
+    monkeypatch.setattr(breakdown, "on_gpu", lambda: True)
+    config = CONFIGS["vit_b_16"]
+    work = breakdown.work(config, 2, torch.bfloat16)
+    assert sum(work[cat][0] for cat in ("gemm", "attention", "patch_embed")) == pytest.approx(
+        2 * gflop_per_image("vit_b_16") * 1e9)
+    one = ([("_linear_kernel", 100.0)] * 49 + [("_attention_fwd_kernel", 50.0)] * 12
+           + [("_layer_norm_fwd_kernel", 10.0)] * 24 + [("_patch_embed_kernel", 20.0), ("_pool_norm_kernel", 5.0),
+                                                        ("void at::native::vectorized_elementwise_kernel<4>", 1.0)])
+    row = breakdown._summarize(one * 2, 2, wall_ms=8.0)
+    breakdown._rates(row, config, 2, torch.bfloat16, dict(gemm_tflops=500.0, copy_gbps=3000.0))
+    cats = row["categories"]
+    assert row["kernel_ms"] == pytest.approx(4.9 + 0.6 + 0.24 + 0.02 + 0.005 + 0.001)
+    assert row["gap_ms"] == pytest.approx(8.0 - row["kernel_ms"]) and 0 < row["gap_share"] < 1
+    assert (cats["gemm"]["ms"], cats["gemm"]["launches"]) == (pytest.approx(4.9), 49)
+    assert cats["other"]["launches"] == 2 and cats["other"]["top"][0]["name"] == "_pool_norm_kernel"
+    assert cats["gemm"]["share"] == pytest.approx(4.9 / row["kernel_ms"])
+    assert cats["gemm"]["tflops"] == pytest.approx(work["gemm"][0] / 4.9e-3 / 1e12)
+    assert cats["gemm"]["frac_of_peak"] == pytest.approx(cats["gemm"]["tflops"] / 500)
+    assert cats["attention"]["tflops"] == pytest.approx(4 * 2 * 197**2 * 768 * 12 / 0.6e-3 / 1e12)
+    assert cats["layer_norm"]["gbps"] == pytest.approx(24 * 2 * 2 * 197 * 768 * 2 / 0.24e-3 / 1e9)
+    assert cats["layer_norm"]["frac_of_peak"] == pytest.approx(cats["layer_norm"]["gbps"] / 3000)
+    assert cats["other"]["tflops"] is None and cats["other"]["frac_of_peak"] is None
+    row.update(model="vit_b_16", batch=2, candidate="ours (from_timm)", wall_ms=8.0)
+    table = breakdown.breakdown_table(dict(rows=[row], source="test"))
+    gemm = cats["gemm"]
+    assert (f"| vit_b_16 | 2 | ours (from_timm) | gemm | 4.900 | 49 | {gemm['share']:.1%} | {gemm['tflops']:.1f} | - "
+            f"| {gemm['frac_of_peak']:.0%} | `_linear_kernel` |") in table
+    assert "| vit_b_16 | 2 | ours (from_timm) | 8.000 | 5.766 | 2.234 | 28% |" in table

@@ -249,3 +249,28 @@ def test_e2e_bench_times_every_baseline():
     head, missing = result["headline"], result["headline_missing"]
     assert head["gpu"] and head["torch"] and head["peak_gemm_tflops"] > 0
     assert set(missing) == {k for k, v in head.items() if v is None} and "bs256_img_s" in missing
+
+
+@pytest.mark.gpu
+def test_breakdown_attributes_kernels_on_a_gpu():
+    """The per-category breakdown on a real card: CUPTI's kernel names of both candidates land in GEMM and
+    attention (an unclassified kernel would show in "other"'s top list), the gap to the wall time is reported and
+    every rate is a plausible fraction of the measured peak."""
+    from vit_kernels.bench.breakdown import run_breakdown
+
+    result = run_breakdown(["tiny"], [1], torch.float16, progress=lambda *_: None)
+    rows = {r["candidate"]: r for r in result["rows"]}
+    assert set(rows) == {"ours (from_timm)", "timm eager (SDPA)"}
+    assert result["peaks"]["gemm_tflops"] > 0 and result["peaks"]["copy_gbps"] > 0
+    for cand, r in rows.items():
+        other = [k["name"][:80] for k in r["categories"]["other"]["top"]]
+        for cat in ("gemm", "attention"):
+            c = r["categories"][cat]
+            assert c["launches"] > 0 and c["ms"] > 0, (cand, cat, other)
+        assert r["kernel_ms"] > 0 and r["wall_ms"] > 0
+        assert r["gap_ms"] == pytest.approx(r["wall_ms"] - r["kernel_ms"])
+        fractions = [c["frac_of_peak"] for c in r["categories"].values() if c["frac_of_peak"] is not None]
+        assert fractions and all(0 < f < 1.5 for f in fractions), (cand, fractions)
+    ours = rows["ours (from_timm)"]["categories"]
+    assert ours["gemm"]["top"][0]["name"].startswith("_linear_kernel")
+    assert ours["attention"]["top"][0]["name"].startswith("_attention_fwd_kernel")

@@ -54,6 +54,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from .bench import on_gpu, run_e2e, run_ops, run_train
+    from .bench.breakdown import breakdown_table, run_breakdown
     from .bench.e2e import merge_headline
     from .bench.ops import ops_headline
     from .bench.report import NO_MATPLOTLIB, e2e_table, have_matplotlib, ops_table, plot_e2e, plot_ops, train_table
@@ -89,8 +90,12 @@ def cmd_bench(args) -> int:
         merge_headline(result, results["train"][0]["headline"] if "train" in results else {})
         merge_headline(result, ops_headline(results["ops"][0]) if "ops" in results else {})
         results["e2e"] = (result, "-".join(models), e2e_table, plot_e2e)
+    if args.breakdown:
+        breakdown_models = args.model or (["vit_b_16"] if gpu else ["tiny"])
+        result = run_breakdown(breakdown_models, args.batch or ([1, 64, 256] if gpu else [2]), dtype)
+        results["breakdown"] = (result, "-".join(breakdown_models), breakdown_table, None)
     tables = []
-    for kind in ("train", "e2e", "ops"):
+    for kind in ("train", "e2e", "ops", "breakdown"):
         if kind not in results:
             continue
         result, tag, table, plot = results[kind]
@@ -168,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--train", action="store_true",
                        help="also time a training step (fwd + bwd + AdamW, autocast) with peak memory, vs timm "
                             "eager/compiled and the reference")
+    bench.add_argument("--breakdown", action="store_true",
+                       help="also profile a forward (torch.profiler) of ours and timm eager and split its kernel "
+                            "time by category (GEMM, attention, LayerNorm, patch embedding, other) with rates and "
+                            "the gap to the wall time; default: vit_b_16 at batch 1 64 256 (GPU), tiny at 2 (CPU)")
     bench.add_argument("--train-batch", nargs="+", type=positive_int, help="default: 64 128 (GPU), 2 (CPU)")
     bench.add_argument("--out", default="benchmarks/results", help="directory for JSON and PNG files")
     bench.set_defaults(func=cmd_bench)
