@@ -81,6 +81,8 @@ def test_cpu_train_step_bench(tmp_path, capsys):
     assert {r["candidate"] for r in train["rows"]} == {"ours (from_timm)", "timm eager (SDPA)", "reference eager",
                                                        "ours (tutorial ViT)"}
     assert all(r["peak_mib"] is None and r["first_loss"] > 0 for r in train["rows"])
+    assert train["repeats"] == 1 and all(r["rounds"] == [r["ms"]] and r["ms_min"] == r["ms_max"] == r["ms"]
+                                         for r in train["rows"])
     assert set(train["headline"].values()) == {None}
 
 
@@ -291,3 +293,22 @@ def test_breakdown_rates_and_table_from_kernel_times(monkeypatch):
     assert (f"| vit_b_16 | 2 | ours (from_timm) | gemm | 4.900 | 49 | {gemm['share']:.1%} | {gemm['tflops']:.1f} | - "
             f"| {gemm['frac_of_peak']:.0%} | `_linear_kernel` |") in table
     assert "| vit_b_16 | 2 | ours (from_timm) | 8.000 | 5.766 | 2.234 | 28% |" in table
+
+
+def test_op_bench_interleaves_rounds_and_reports_the_ratio_spread():
+    result = run_ops(["layer_norm"], ["tiny"], [2], torch.float32, repeats=2, progress=lambda *_: None)
+    assert result["repeats"] == 2
+    rows = {r["impl"]: r for r in result["rows"]}
+    for r in rows.values():
+        assert len(r["rounds"]) == 2 and r["ms_min"] <= r["ms"] <= r["ms_max"]
+        per_round = [b / o for b, o in zip(r["rounds"], rows["ours"]["rounds"], strict=True)]
+        assert (r["ratio_min"], r["ratio_max"]) == (min(per_round), max(per_round))
+    assert rows["ours"]["ratio_min"] == rows["ours"]["ratio_max"] == 1.0
+
+
+def test_rounds_summary_flags_a_spread_across_one():
+    assert timing.rounds_summary([2.0, 2.0], [1.0, 1.6]) == dict(ratio_min=1.25, ratio_max=2.0,
+                                                                 ratio_spread_crosses_1=False)
+    assert timing.rounds_summary([1.0, 1.0], [0.9, 1.1])["ratio_spread_crosses_1"]
+    with pytest.raises(ValueError):
+        timing.rounds_summary([1.0], [1.0, 2.0])  # rounds must pair up

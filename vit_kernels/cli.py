@@ -73,20 +73,22 @@ def cmd_bench(args) -> int:
     print(f"vit_kernels {__version__} benchmarks on {where}")
     if not gpu:
         print(CPU_NOTICE)
+    repeats = args.repeats or (3 if gpu else 1)
     out = args.out
     results = {}  # kind -> (result, tag, table writer, plot writer); saved once every headline figure is in
     if args.train:
         train_models = args.model or (["vit_b_16"] if gpu else ["tiny"])
-        result = run_train(train_models, args.train_batch or ([64, 128] if gpu else [2]), dtype, compile_modes[:1])
+        result = run_train(train_models, args.train_batch or ([64, 128] if gpu else [2]), dtype, compile_modes[:1],
+                           repeats=repeats)
         results["train"] = (result, "-".join(train_models), train_table, None)
     if op_names:
         op_models = args.model or (["vit_b_16"] if gpu else ["tiny"])
         result = run_ops(op_names, op_models, args.batch or ([256] if gpu else [2]), dtype,
-                         compile_baselines=bool(compile_modes))
+                         compile_baselines=bool(compile_modes), repeats=repeats)
         results["ops"] = (result, "-".join(op_models), ops_table, plot_ops)
     if not args.no_e2e:
         result = run_e2e(models, batches, dtype, compile_modes, compile_batches=args.compile_batches,
-                         repeats=args.repeats or (3 if gpu else 1))
+                         repeats=repeats)
         merge_headline(result, results["train"][0]["headline"] if "train" in results else {})
         merge_headline(result, ops_headline(results["ops"][0]) if "ops" in results else {})
         results["e2e"] = (result, "-".join(models), e2e_table, plot_e2e)
@@ -166,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile baselines (GPU only; default: default max-autotune reduce-overhead; "
                             "reduce-overhead, CUDA graphs, runs at batch <= 64 only); 'default' also compiles ours")
     bench.add_argument("--repeats", type=positive_int,
-                       help="interleaved rounds of the end-to-end timing (default: 3 on a GPU, 1 on a CPU)")
+                       help="interleaved rounds of every timing: end-to-end, per op, training "
+                            "(default: 3 on a GPU, 1 on a CPU)")
     bench.add_argument("--compile-batches", nargs="+", type=positive_int,
                        help="batches at which the torch.compile baselines run (default: all; compiling is slow)")
     bench.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model benchmark")

@@ -8,7 +8,7 @@ import torch
 
 from ..tolerance import agreement_limit, max_error
 from .models import CONFIGS, GRAPH_MAX_BATCH, OURS, TIMM, build_candidates, gflop_per_image
-from .timing import cuda_graph_ms, device_info, measured_peaks, on_gpu, time_ms
+from .timing import cuda_graph_ms, device_info, measured_peaks, on_gpu, rounds_summary, time_ms
 
 # the figures the GPU rounds track (issue 20); each is a number or None with a reason in "headline_missing"
 HEADLINE_KEYS = ("gpu", "torch", "triton", "clock_mhz", "peak_gemm_tflops", "bs256_img_s", "bs256_vs_timm_eager",
@@ -100,9 +100,9 @@ def _ratios(rows, name, batch):
     for r in here:
         for key, base in (("timm_eager", by_cand[TIMM]), ("reference", by_cand["reference eager"])):
             r[f"speedup_vs_{key}"] = base["ms"] / r["ms"]
-        per_round = [t / o for t, o in zip(by_cand[TIMM]["rounds"], r["rounds"], strict=True)]
-        r["speedup_vs_timm_eager_min"], r["speedup_vs_timm_eager_max"] = min(per_round), max(per_round)
-        r["ratio_spread_crosses_1"] = min(per_round) < 1.0 < max(per_round)
+        spread = rounds_summary(by_cand[TIMM]["rounds"], r["rounds"])
+        r["speedup_vs_timm_eager_min"], r["speedup_vs_timm_eager_max"] = spread["ratio_min"], spread["ratio_max"]
+        r["ratio_spread_crosses_1"] = spread["ratio_spread_crosses_1"]
 
 
 def headline(rows, dtype, peak_gemm_tflops=None) -> tuple[dict, dict]:

@@ -4,6 +4,8 @@ The cases come from the op registry (``OpSpec.bench``, next to each op's launche
 ops (the MLP half-block) are defined here."""
 from __future__ import annotations
 
+import statistics
+
 import torch
 import torch.nn.functional as F
 
@@ -11,7 +13,7 @@ from .. import ops
 from ..ops.registry import BenchCase, randn, registered_ops
 from ..tolerance import agreement_limit, max_error
 from .models import CONFIGS
-from .timing import device_info, measured_peaks, on_gpu, time_ms
+from .timing import device_info, measured_peaks, on_gpu, rounds_summary, time_ms
 
 
 def mlp_cases(size, batch, dtype, device):
@@ -42,9 +44,10 @@ def op_suites() -> dict:
 
 
 def run_ops(op_names=None, models=("vit_b_16",), batches=(256,), dtype=torch.bfloat16,
-            compile_baselines=False, progress=print) -> dict:
+            compile_baselines=False, repeats=1, progress=print) -> dict:
     """Time each op and its baselines (checked against ours first: relative max error <= 5% in 16-bit; random
-    ops by their fraction of zeros). ``op_names`` defaults to every suite."""
+    ops by their fraction of zeros), interleaved, ``repeats`` rounds: medians, min, max and the per-round range
+    of our speed-up over each baseline. ``op_names`` defaults to every suite."""
     suites = op_suites()
     op_names = list(suites) if op_names is None else op_names
     unknown = set(op_names) - set(suites)
@@ -59,9 +62,9 @@ def run_ops(op_names=None, models=("vit_b_16",), batches=(256,), dtype=torch.bfl
                 for batch in batches:
                     for case in suites[op](CONFIGS[name], batch, dtype, device):
                         rows += _run_case(f"{op} {case.label}".strip(), f"{name} B={batch}", case,
-                                          compile_baselines and on_gpu(), peaks, progress)
+                                          compile_baselines and on_gpu(), peaks, repeats, progress)
     return dict(device=device_info(), benchmark="ops", dtype=str(dtype).replace("torch.", ""), peaks=peaks,
-                rows=rows)
+                repeats=repeats, rows=rows)
 
 
 def _difference(ours: torch.Tensor, other: torch.Tensor, exact: bool) -> tuple:
@@ -72,15 +75,15 @@ def _difference(ours: torch.Tensor, other: torch.Tensor, exact: bool) -> tuple:
     return max_error(ours, other), agreement_limit(other, ours.dtype)
 
 
-def _run_case(op: str, shape: str, case: BenchCase, compile_baselines: bool, peaks: dict, progress) -> list:
+def _run_case(op: str, shape: str, case: BenchCase, compile_baselines: bool, peaks: dict, repeats: int,
+              progress) -> list:
     reference = case.ours()
     baselines = dict(case.baselines)
     if compile_baselines:
         for label, fn in case.baselines.items():
             if not label.startswith("sdpa"):  # SDPA backends are already fused kernels
                 baselines[f"torch.compile({label})"] = torch.compile(fn, dynamic=False)
-    timings = {"ours": time_ms(case.ours)}
-    errors = {}
+    runnable, errors = {"ours": case.ours}, {}
     for label, fn in baselines.items():
         try:
             out = fn()
@@ -90,13 +93,21 @@ def _run_case(op: str, shape: str, case: BenchCase, compile_baselines: bool, pea
         errors[label], limit = _difference(reference, out, case.exact)
         if not errors[label] <= limit:
             raise AssertionError(f"{op} {shape}: ours differs from {label} by {errors[label]:.3g}")
-        timings[label] = time_ms(fn)
+        runnable[label] = fn
+    rounds = {label: [] for label in runnable}
+    for _ in range(repeats):  # interleaved rounds
+        for label, fn in runnable.items():
+            rounds[label].append(time_ms(fn))
+    timings = {label: statistics.median(samples) for label, samples in rounds.items()}
     rows = []
     best = min((ms for label, ms in timings.items() if label != "ours"), default=None)
     for label, ms in timings.items():
         tflops = case.flops / ms / 1e9 if case.flops and on_gpu() else None
         gbps = case.nbytes / ms / 1e6 if case.nbytes and on_gpu() else None
-        rows.append(dict(op=op, shape=shape, impl=label, ms=ms, tflops=tflops, gbps=gbps,
+        # ratio_*: the range of this row's per-round ours_speedup
+        rows.append(dict(op=op, shape=shape, impl=label, ms=ms, ms_min=min(rounds[label]),
+                         ms_max=max(rounds[label]), rounds=rounds[label],
+                         **rounds_summary(rounds[label], rounds["ours"]), tflops=tflops, gbps=gbps,
                          frac_of_peak=(tflops / peaks["gemm_tflops"] if tflops and peaks["gemm_tflops"] else
                                        gbps / peaks["copy_gbps"] if gbps and peaks["copy_gbps"] else None),
                          ours_speedup=ms / timings["ours"], max_error_vs_ours=errors.get(label, 0.0)))

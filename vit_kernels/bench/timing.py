@@ -42,6 +42,13 @@ def time_ms(fn) -> float:
     return statistics.median(samples)
 
 
+def rounds_summary(base: list, ours: list) -> dict:
+    """Per-round speed-ups ``base[i] / ours[i]`` of two interleaved timing series: their range, and whether it
+    crosses 1.0 (a comparison the noise could flip)."""
+    ratios = [b / o for b, o in zip(base, ours, strict=True)]
+    return dict(ratio_min=min(ratios), ratio_max=max(ratios), ratio_spread_crosses_1=min(ratios) < 1.0 < max(ratios))
+
+
 def clock_mhz() -> int | None:
     """The GPU's current SM clock (nvidia-smi), or None where it cannot be read."""
     with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):

@@ -7,13 +7,14 @@ them), checked against its twin on the first step (loss and gradient norm) and t
 from __future__ import annotations
 
 import gc
+import statistics
 
 import torch
 import torch.nn.functional as F
 
 from .e2e import cudnn_benchmark
 from .models import CONFIGS, OURS, TIMM, timm_model, tutorial_model
-from .timing import device_info, on_gpu, time_ms
+from .timing import device_info, on_gpu, rounds_summary, time_ms
 
 
 def _builders(name: str, device, compile_modes) -> dict:
@@ -61,16 +62,18 @@ def _trainer(model, x, y, dtype):
     return step
 
 
-def run_train(models=("vit_b_16",), batches=(64, 128), dtype=torch.bfloat16, compile_modes=(),
+def run_train(models=("vit_b_16",), batches=(64, 128), dtype=torch.bfloat16, compile_modes=(), repeats=1,
               progress=print) -> dict:
-    """Rows for every model x batch x candidate, and the ViT-B/16 batch-128 headline figures. Every candidate runs
+    """Rows for every model x batch x candidate, and the ViT-B/16 batch-128 headline figures: ``repeats`` rounds
+    of every candidate in turn, median / min / max ms per step and the per-round speed-up range over timm eager
+    (``ratio_*``). Every candidate runs
     with ``torch.backends.cudnn.benchmark`` on (timm's own benchmark setting: its patch-embedding conv, forward and
     backward, is far slower without it)."""
     with cudnn_benchmark(True):
-        return _run_train(models, batches, dtype, compile_modes, progress)
+        return _run_train(models, batches, dtype, compile_modes, repeats, progress)
 
 
-def _run_train(models, batches, dtype, compile_modes, progress) -> dict:
+def _run_train(models, batches, dtype, compile_modes, repeats, progress) -> dict:
     device = "cuda" if on_gpu() else "cpu"
     rows = []
     for name in models:
@@ -79,33 +82,38 @@ def _run_train(models, batches, dtype, compile_modes, progress) -> dict:
             torch.manual_seed(1)
             x = torch.randn(batch, 3, CONFIGS[name]["img"], CONFIGS[name]["img"], device=device)
             y = torch.randint(0, 1000, (batch,), device=device)
-            first = {}
-            for cand, (build, twin) in builders.items():
-                model = build().train()
-                step = _trainer(model, x, y, dtype)
-                loss, norm = (t.item() for t in step())  # the first step, from identical weights
-                first[cand] = (loss, norm)
-                if twin is not None:
-                    _check(name, batch, cand, (loss, norm), twin, first[twin], dtype)
-                if on_gpu():
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                ms = time_ms(step)
-                peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu() else None
+            first, times, peaks = {}, {c: [] for c in builders}, {c: [] for c in builders}
+            # rounds of every candidate in turn (one model alive at a time, so each peak is its own)
+            for _ in range(repeats):
+                for cand, (build, twin) in builders.items():
+                    model = build().train()
+                    step = _trainer(model, x, y, dtype)
+                    loss, norm = (t.item() for t in step())  # the first step, from identical weights
+                    if cand not in first:
+                        first[cand] = (loss, norm)
+                        if twin is not None:
+                            _check(name, batch, cand, (loss, norm), twin, first[twin], dtype)
+                    if on_gpu():
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    times[cand].append(time_ms(step))
+                    peaks[cand].append(torch.cuda.max_memory_allocated() / 2**20 if on_gpu() else None)
+                    del model, step
+                    gc.collect()
+                    if on_gpu():
+                        torch.cuda.empty_cache()
+            for cand, samples in times.items():
+                ms, peak = statistics.median(samples), peaks[cand][-1]
+                loss, norm = first[cand]
                 rows.append(dict(model=name, batch=batch, dtype=str(dtype).replace("torch.", ""), candidate=cand,
-                                 ms=ms, img_per_s=batch / ms * 1e3, peak_mib=peak, first_loss=loss,
-                                 first_grad_norm=norm))
+                                 ms=ms, ms_min=min(samples), ms_max=max(samples), rounds=samples,
+                                 **rounds_summary(times[TIMM], samples), img_per_s=batch / ms * 1e3, peak_mib=peak,
+                                 first_loss=loss, first_grad_norm=norm, speedup_vs_timm_eager=statistics.median(
+                                     times[TIMM]) / ms))
                 progress(f"train {name} batch {batch} {cand:<34} {ms:9.2f} ms/step"
                          + (f"  peak {peak:8.0f} MiB" if peak else "") + ("" if on_gpu() else "  (CPU)"))
-                del model, step
-                gc.collect()
-                if on_gpu():
-                    torch.cuda.empty_cache()
-            base = {r["candidate"]: r["ms"] for r in rows if r["model"] == name and r["batch"] == batch}
-            for r in rows:
-                if r["model"] == name and r["batch"] == batch:
-                    r["speedup_vs_timm_eager"] = base[TIMM] / r["ms"]
-    return dict(device=device_info(), benchmark="train", rows=rows, headline=train_headline(rows, dtype))
+    return dict(device=device_info(), benchmark="train", repeats=repeats, rows=rows,
+                headline=train_headline(rows, dtype))
 
 
 def _check(name, batch, cand, got, twin, expected, dtype):
