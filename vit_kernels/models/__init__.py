@@ -1,7 +1,7 @@
-from .accelerate import accelerate, is_accelerated
+from .accelerate import accelerate
 from .attention_maps import attention_maps
 from .factory import create_model
-from .patching import restore
+from .patching import is_accelerated, restore
 from .timm_vit import from_timm
 from .tutorial import ViT
 

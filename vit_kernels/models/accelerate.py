@@ -6,7 +6,6 @@ import sys
 from torch import nn
 
 from .. import reference
-from .patching import is_patched
 
 SUPPORTED = ("vit_kernels.ViT / vit_kernels.reference.ViT; the tutorial's einops ViT (nn.Sequential of "
              "PatchEmbedding, TransformerEncoder, ClassificationHead); timm VisionTransformer; torchvision "
@@ -56,7 +55,3 @@ def accelerate(model: nn.Module) -> nn.Module:
     raise TypeError(f"accelerate: unsupported model type {type(model).__module__}.{type(model).__qualname__}; "
                     f"supported: {SUPPORTED}")
 
-
-def is_accelerated(model: nn.Module) -> bool:
-    """True when ``model`` (or a module inside it) runs patched fused methods."""
-    return isinstance(model, nn.Module) and is_patched(model)

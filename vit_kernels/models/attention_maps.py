@@ -19,7 +19,8 @@ def attention_maps(model: nn.Module, *args, **kwargs) -> tuple[object, list[torc
     ``model`` is any model ``vit_kernels.accelerate`` takes (a tutorial, timm, torchvision or Hugging Face
     ViT); one not yet accelerated is accelerated first (in place). Raises ``RuntimeError`` if the forward did
     not run every fused block (e.g. a block the user replaced by another module)."""
-    from .accelerate import accelerate, is_accelerated
+    from .accelerate import accelerate
+    from .patching import is_accelerated
 
     fused = model if is_accelerated(model) else accelerate(model)  # as the user left it, if already patched
     with recording_attention_maps() as maps:

@@ -45,17 +45,9 @@ def patch(module: nn.Module, name: str, fused: Callable) -> None:
     object.__setattr__(module, name, FusedMethod(fused, module))
 
 
-def is_patched(module: nn.Module) -> bool:
-    """True when any module of ``module`` carries a fused method."""
-    return any(_PATCHES in m.__dict__ for m in module.modules())
-
-
-def original(module: nn.Module, name: str):
-    """The method ``module.<name>`` had before it was patched (bound), e.g. to run the framework's own code."""
-    before = module.__dict__.get(_PATCHES, {}).get(name, _MISSING)
-    if before is not _MISSING:
-        return before
-    return getattr(type(module), name).__get__(module)
+def is_accelerated(model: nn.Module) -> bool:
+    """True when ``model`` (or a module inside it) runs patched fused methods."""
+    return isinstance(model, nn.Module) and any(_PATCHES in m.__dict__ for m in model.modules())
 
 
 def restore(model: nn.Module) -> nn.Module:
