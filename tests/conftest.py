@@ -44,3 +44,12 @@ def _seed():
 @pytest.fixture
 def device():
     return torch.device("cuda" if ON_GPU else "cpu")
+
+
+def pytest_runtest_logreport(report):
+    """With VIT_KERNELS_FAIL_LOG=path, each failure's traceback is appended there as it happens (a GPU round
+    cut short by its time limit still names what failed)."""
+    path = os.environ.get("VIT_KERNELS_FAIL_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")

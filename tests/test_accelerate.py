@@ -6,7 +6,6 @@ import copy
 import inspect
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -17,8 +16,7 @@ from transformers import ViTConfig, ViTForImageClassification, ViTForMaskedImage
 
 import vit_kernels
 from vit_kernels import ops
-from vit_kernels.models import hf_vit, timm_vit, torchvision_vit
-from vit_kernels.models._fused import encoder_block
+from vit_kernels.models import hf_vit, torchvision_vit
 
 BLOCK_KERNELS = {"layer_norm": 2, "linear": 4, "attention": 1}  # per encoder block
 
@@ -510,20 +508,26 @@ def test_train_mode_dropout_runs_in_the_kernels(framework, kw, rates, images, mo
     attention projection, after the MLP activation, after the MLP), plus the embedding dropout."""
     make = {"torchvision": torchvision_model, "hf_model": hf_model, "timm": timm_model}[framework]
     fast = vit_kernels.accelerate(make(**kw)).train()
-    module = {"torchvision": torchvision_vit, "hf_model": hf_vit, "timm": timm_vit}[framework]
-    seen = []
+    events = []  # (op, dropout rate) of every attention and GEMM call, in order
 
-    def recording_block(*args, **kwargs):
-        seen.append(tuple(kwargs.get(k, 0.0) for k in ("attn_drop", "proj_drop", "hidden_drop", "out_drop")))
-        return encoder_block(*args, **kwargs)
+    def recording(name, op):
+        def call(*args, **kwargs):
+            events.append((name, kwargs.get("dropout", 0.0)))
+            return op(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(module, "encoder_block", recording_block)
+    for name in ("attention", "linear"):
+        monkeypatch.setattr(ops, name, recording(name, getattr(ops, name)))
+
+    def block_rates():  # per block: attention's rate, then those of the proj, fc1 and fc2 GEMMs that follow it
+        rates = [(p, *(r for _, r in events[i + 1:i + 4])) for i, (op, p) in enumerate(events) if op == "attention"]
+        events.clear()
+        return rates
+
     ops.reset_launch_counts()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="vit_kernels")  # no fallback
-        torch.manual_seed(7)
-        a = first(fast(images))
-    assert seen == [rates] * 2
+    torch.manual_seed(7)
+    a = first(fast(images))
+    assert block_rates() == [rates] * 2
     assert ops.launch_counts().get("dropout") == 1  # the embedding dropout
     torch.manual_seed(7)
     assert torch.equal(a, first(fast(images)))
@@ -531,10 +535,10 @@ def test_train_mode_dropout_runs_in_the_kernels(framework, kw, rates, images, mo
     used = [(n, p) for n, p in fast.named_parameters() if "pooler" not in n]  # the pooler feeds another output
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in used), \
         [n for n, p in used if p.grad is None]
-    seen.clear()
+    events.clear()
     with torch.no_grad():
         fast.eval()(images)
-    assert seen == [(0.0, 0.0, 0.0, 0.0)] * 2
+    assert block_rates() == [(0.0, 0.0, 0.0, 0.0)] * 2
 
 
 def test_timm_stochastic_depth_in_the_kernels_equals_timm(images):
@@ -621,19 +625,32 @@ def test_torchvision_bad_model_and_image(pairs):
         fast(torch.randn(1, 1, 32, 32))
 
 
-@pytest.mark.parametrize("act", ["relu", "quick_gelu"])
+@pytest.mark.parametrize("act", ["relu", "swish"])
 def test_hf_unsupported_activation_is_named(act):
     with pytest.raises(NotImplementedError, match=f"hidden_act='{act}'"):
         vit_kernels.accelerate(ViTModel(ViTConfig(**HF, hidden_act=act)))
 
 
-@pytest.mark.parametrize("arg", ["bool_masked_pos", "attention_mask"])
-def test_hf_unsupported_arguments_are_named(arg, pairs, images):
+def test_hf_bool_masked_pos_is_named(pairs, images):
     fast = pairs["hf_model"][1]
-    with pytest.raises(NotImplementedError, match=arg), torch.no_grad():
-        mask = torch.ones(2, 16 if arg == "bool_masked_pos" else 17, dtype=torch.bool)
-        mask[:, -1] = False  # HF drops an attention mask that masks nothing
-        fast(images, **{arg: mask})
+    with pytest.raises(NotImplementedError, match="bool_masked_pos"), torch.no_grad():
+        fast(images, bool_masked_pos=torch.ones(2, 16, dtype=torch.bool))
+
+
+def test_hf_attention_mask_runs_in_the_attention_kernel(pairs, images):
+    """HF's sdpa mask (bool [B, 1, N, N], True = attend) goes to the attention kernel; eager's additive float mask
+    is refused by name."""
+    reference, fast = pairs["hf_model"]
+    mask = torch.ones(2, 17, dtype=torch.bool)
+    mask[:, -1] = False  # HF drops an attention mask that masks nothing
+    with torch.no_grad():
+        got, counts = run_counted(fast, images, attention_mask=mask)
+        torch.testing.assert_close(got.last_hidden_state, reference(images, attention_mask=mask).last_hidden_state,
+                                   **TOL)
+    assert counts["attention"] == 2
+    eager = vit_kernels.accelerate(hf_model(attn_implementation="eager"))
+    with pytest.raises(NotImplementedError, match=r"attention_mask of torch\.float32"), torch.no_grad():
+        eager(images, attention_mask=mask)
 
 
 def test_hf_bad_model_and_arguments(pairs, images):

@@ -312,3 +312,28 @@ def test_rounds_summary_flags_a_spread_across_one():
     assert timing.rounds_summary([1.0, 1.0], [0.9, 1.1])["ratio_spread_crosses_1"]
     with pytest.raises(ValueError):
         timing.rounds_summary([1.0], [1.0, 2.0])  # rounds must pair up
+
+
+def test_family_sizes_compare_with_timm_only():
+    """CLIP / SigLIP / DINOv2 / EVA-02 sizes are the timm models of their names, benchmarked against timm (no
+    tutorial twin), with a FLOP count read off the model."""
+    from vit_kernels.bench.models import OURS, TIMM, TIMM_NO_CUDNN_BENCHMARK, build_candidates, gflop_per_image
+    from vit_kernels.cli import bench_models
+
+    assert {"clip_l_14", "siglip_b_16", "siglip_so400m_14", "dinov2_b_14_518", "eva02_b_14"} <= set(bench_models())
+    candidates = build_candidates("siglip_b_16", torch.float32, "meta")
+    assert set(candidates) == {TIMM, TIMM_NO_CUDNN_BENCHMARK, OURS}
+    assert candidates[TIMM].model.attn_pool is not None and vit_kernels.is_accelerated(candidates[OURS].model)
+    assert 150 < gflop_per_image("clip_l_14") < 175 and 290 < gflop_per_image("dinov2_b_14_518") < 320
+
+
+def test_e2e_hands_each_finished_batch_to_partial():
+    """A GPU round cut short keeps its finished batches: after each batch the rows so far reach ``partial`` (the
+    CLI saves them as e2e_partial_*.json and removes that file once the full result is saved)."""
+    from vit_kernels.bench import run_e2e
+
+    seen = []
+    result = run_e2e(["tiny"], [1, 2], torch.float32, repeats=1, progress=lambda *_: None,
+                     partial=lambda r: seen.append((r["complete"], len(r["rows"]))))
+    per_batch = len(result["rows"]) // 2
+    assert seen == [(False, per_batch), (False, 2 * per_batch)]

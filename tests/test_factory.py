@@ -18,14 +18,17 @@ def test_exported():
     assert "create_model" in vit_kernels.__all__
 
 
-def test_supported_names_are_the_plain_timm_vits():
-    names = factory.supported_models()
+def test_supported_names_are_the_plain_vits_and_the_deployed_families():
+    names = set(factory.supported_models())
     assert {"vit_tiny_patch16_224", "vit_base_patch16_224", "vit_base_patch32_384", "vit_small_patch8_224",
-            "vit_large_patch14_224", "vit_huge_patch14_224"} <= set(names)
-    assert not any("relpos" in n or "giant" in n or "miil" in n or "clip" in n for n in names)
+            "vit_large_patch14_224", "vit_huge_patch14_224"} <= names
+    assert {"vit_large_patch14_clip_224", "vit_large_patch14_clip_quickgelu_224", "vit_base_patch16_siglip_224",
+            "vit_so400m_patch14_siglip_224", "vit_base_patch14_dinov2", "vit_large_patch14_reg4_dinov2",
+            "vit_giant_patch14_dinov2", "eva02_base_patch14_224", "vit_base_patch16_dinov3"} <= names
+    assert not any("relpos" in n or "miil" in n or "enormous" in n or n == "vit_giant_patch14_224" for n in names)
 
 
-@pytest.mark.parametrize("name", ["resnet50", "vit_base_patch16_224_miil", "vit_giant_patch14_224",
+@pytest.mark.parametrize("name", ["resnet50", "vit_base_patch16_224_miil", "eva02_enormous_patch14_clip_224",
                                   "vit_base_patch16_256", "deit_base_patch16_224", 42])
 def test_unknown_names_list_the_supported_ones(name):
     with pytest.raises(ValueError, match=r"unsupported model name.*vit_base_patch16_224.*vit_tiny_patch16_384"):
@@ -47,12 +50,14 @@ def test_pretrained_is_refused():
 @pytest.mark.parametrize("name", factory.supported_models())
 def test_every_supported_name_builds_on_meta(name):
     model = vit_kernels.create_model(name, device="meta")
-    assert isinstance(model, timm.models.vision_transformer.VisionTransformer)  # timm's own model, patched
+    assert isinstance(model, (timm.models.vision_transformer.VisionTransformer, timm.models.eva.Eva))  # timm's own
     assert vit_kernels.is_accelerated(model)
     patch = int(name.split("_patch")[1].split("_")[0])
-    size = int(name.rsplit("_", 1)[1])
-    assert model.patch_embed.patch_size == (patch, patch) and model.patch_embed.img_size == (size, size)
-    assert model.pos_embed.device.type == "meta"
+    assert model.patch_embed.patch_size == (patch, patch)
+    if name.rsplit("_", 1)[1].isdigit():  # dinov2 / dinov3 names carry no image size
+        size = int(name.rsplit("_", 1)[1])
+        assert model.patch_embed.img_size == (size, size)
+    assert next(model.parameters()).device.type == "meta"
 
 
 def tiny_timm():

@@ -87,8 +87,13 @@ def cmd_bench(args) -> int:
                          compile_baselines=bool(compile_modes), repeats=repeats)
         results["ops"] = (result, "-".join(op_models), ops_table, plot_ops)
     if not args.no_e2e:
+        def partial(result):  # the finished batches on disk, replaced by the full file at the end
+            partial.path = save_json(out, "e2e_partial", result, tag="-".join(models))
+
         result = run_e2e(models, batches, dtype, compile_modes, compile_batches=args.compile_batches,
-                         repeats=repeats)
+                         repeats=repeats, partial=partial)
+        if getattr(partial, "path", None) is not None:
+            partial.path.unlink(missing_ok=True)
         merge_headline(result, results["train"][0]["headline"] if "train" in results else {})
         merge_headline(result, ops_headline(results["ops"][0]) if "ops" in results else {})
         results["e2e"] = (result, "-".join(models), e2e_table, plot_e2e)
@@ -134,6 +139,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def bench_models() -> list:
+    """Model sizes the benchmarks run (``vit_kernels.configs.SIZES``): the original ViTs, the deployed families
+    (CLIP, SigLIP, DINOv2, EVA-02; timm only) and ``tiny`` for the interpreter."""
+    from .configs import SIZES
+
+    return [name for name in SIZES if name != "tiny_timm"]
+
+
 def op_choices() -> list:
     """The registered ops with a benchmark, and the composites (``vit_kernels.bench.ops``). Importing them defines
     the kernels: callers switch the interpreter on first (``_prepare_backend``)."""
@@ -157,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_verify)
     bench = sub.add_parser("bench", help="benchmark the fused models and ops against PyTorch/timm baselines "
                                          "(GPU; a labelled small CPU version elsewhere)")
-    bench.add_argument("--model", nargs="+", choices=["vit_s_16", "vit_b_16", "vit_l_16", "vit_h_14", "tiny"],
-                       help="default: vit_s_16 vit_b_16 vit_l_16 on a GPU, tiny on a CPU")
+    bench.add_argument("--model", nargs="+", choices=bench_models(),
+                       help="default: vit_s_16 vit_b_16 vit_l_16 on a GPU, tiny on a CPU; the families (clip_l_14, "
+                            "siglip_b_16, siglip_so400m_14, dinov2_b_14_518, eva02_b_14) compare with timm only")
     bench.add_argument("--batch", nargs="+", type=positive_int, help="default: 1 8 32 64 128 256 (GPU), 2 (CPU)")
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                        help="default: bfloat16 on a GPU, float32 on a CPU")

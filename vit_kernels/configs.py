@@ -23,6 +23,7 @@ class Size:
     heads: int
     img: int
     classes: int = 1000
+    family: str = "vit"  # "vit": the original ViT (tutorial, reference and timm twins); else a timm-only family
 
     @property
     def tokens(self) -> int:
@@ -35,6 +36,16 @@ SIZES = {
     "vit_b_16": Size("vit_base_patch16_224", patch=16, emb=768, depth=12, heads=12, img=224),
     "vit_l_16": Size("vit_large_patch16_224", patch=16, emb=1024, depth=24, heads=16, img=224),
     "vit_h_14": Size("vit_huge_patch14_224", patch=14, emb=1280, depth=32, heads=16, img=224),
+    # the families deployed today, as timm builds them (benchmarked against timm only: no tutorial twin)
+    "clip_l_14": Size("vit_large_patch14_clip_quickgelu_224", patch=14, emb=1024, depth=24, heads=16, img=224,
+                      family="clip"),
+    "siglip_b_16": Size("vit_base_patch16_siglip_224", patch=16, emb=768, depth=12, heads=12, img=224,
+                        family="siglip"),
+    "siglip_so400m_14": Size("vit_so400m_patch14_siglip_224", patch=14, emb=1152, depth=27, heads=16, img=224,
+                             family="siglip"),
+    "dinov2_b_14_518": Size("vit_base_patch14_dinov2", patch=14, emb=768, depth=12, heads=12, img=518,
+                            family="dinov2"),
+    "eva02_b_14": Size("eva02_base_patch14_224", patch=14, emb=768, depth=12, heads=12, img=224, family="eva02"),
     # interpreter-sized (the CPU version of the benchmarks, verify and the example): 37 tokens, head_dim 24
     "tiny": Size("vit_tiny_patch16_224", patch=8, emb=72, depth=2, heads=3, img=48, classes=10),
     # the smaller CPU size of the timm-based tests and verify's timm rows: 17 tokens, head_dim 24

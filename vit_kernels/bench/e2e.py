@@ -28,7 +28,7 @@ def cudnn_benchmark(enabled: bool):
 
 
 def run_e2e(models=("vit_b_16",), batches=(1, 8, 32, 64, 128, 256), dtype=torch.bfloat16, compile_modes=(),
-            compile_batches=None, repeats=3, progress=print) -> dict:
+            compile_batches=None, repeats=3, progress=print, partial=None) -> dict:
     """Rows for every model x batch x candidate, plus the ViT-B/16 headline.
 
     Every candidate's output is checked against its twin (relative max error <= 5% in 16-bit, 1e-3 in fp32)
@@ -74,6 +74,8 @@ def run_e2e(models=("vit_b_16",), batches=(1, 8, 32, 64, 128, 256), dtype=torch.
                          + (f"  graph {rows[-1]['graph_ms']:.3f} ms" if graph else "")
                          + ("" if on_gpu() else "  (CPU)"))
             _ratios(rows, name, batch)
+            if partial is not None:
+                partial(dict(device=device_info(), benchmark="e2e", complete=False, repeats=repeats, rows=rows))
     head, missing = headline(rows, dtype, peak)
     return dict(device=device_info(), benchmark="e2e", repeats=repeats, peak_gemm_tflops=peak, gflop_per_image={
         m: gflop_per_image(m) for m in models}, rows=rows, headline=head, headline_missing=missing)
@@ -98,8 +100,8 @@ def _ratios(rows, name, batch):
     here = [r for r in rows if r["model"] == name and r["batch"] == batch]
     by_cand = {r["candidate"]: r for r in here}
     for r in here:
-        for key, base in (("timm_eager", by_cand[TIMM]), ("reference", by_cand["reference eager"])):
-            r[f"speedup_vs_{key}"] = base["ms"] / r["ms"]
+        for key, base in (("timm_eager", by_cand[TIMM]), ("reference", by_cand.get("reference eager"))):
+            r[f"speedup_vs_{key}"] = None if base is None else base["ms"] / r["ms"]  # families: no reference
         spread = rounds_summary(by_cand[TIMM]["rounds"], r["rounds"])
         r["speedup_vs_timm_eager_min"], r["speedup_vs_timm_eager_max"] = spread["ratio_min"], spread["ratio_max"]
         r["ratio_spread_crosses_1"] = spread["ratio_spread_crosses_1"]

@@ -6,20 +6,34 @@ import dataclasses
 
 import torch
 
-from ..configs import as_dict, timm_kwargs, tutorial_kwargs
+from ..configs import SIZES, as_dict, timm_kwargs, tutorial_kwargs
 
 # {name: {timm, patch, emb, depth, heads, img, classes}}: the sizes the benchmarks run, from vit_kernels.configs
-CONFIGS = {name: as_dict(name) for name in ("vit_s_16", "vit_b_16", "vit_l_16", "vit_h_14", "tiny")}
+CONFIGS = {name: as_dict(name) for name in SIZES if name != "tiny_timm"}
 COMPILE_MODES = ("default", "max-autotune")
 
 
 def gflop_per_image(name: str, classes: int = 1000) -> float:
     """Forward GFLOP (2 x multiply-adds) of one image: patch GEMM, blocks (qkv, QK^T, PV, proj, MLP), head."""
     c = CONFIGS[name]
+    if c["family"] != "vit":
+        return _family_gflop(name, classes)
     patches = (c["img"] // c["patch"]) ** 2
     n, e = patches + 1, c["emb"]
     block = 2 * n * e * 3 * e + 2 * 2 * n * n * e + 2 * n * e * e + 2 * 2 * n * e * 4 * e
     return (2 * patches * e * 3 * c["patch"] ** 2 + c["depth"] * block + 2 * e * classes) / 1e9
+
+
+def _family_gflop(name: str, classes: int) -> float:
+    """The same count read off the timm model (built on the meta device): every block Linear on every token,
+    QK^T and PV, the patch GEMM and the head (an attention-pooling head's few latent rows left out)."""
+    model = timm_model(name, device="meta")
+    c = CONFIGS[name]
+    patches = (c["img"] // c["patch"]) ** 2
+    n, e = patches + model.num_prefix_tokens, c["emb"]
+    block_weights = sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
+    return (2 * patches * e * 3 * c["patch"] ** 2 + 2 * n * block_weights + c["depth"] * 4 * n * n * e
+            + 2 * e * classes) / 1e9
 
 
 def tutorial_model(cls, name: str):
@@ -27,11 +41,16 @@ def tutorial_model(cls, name: str):
     return cls(**tutorial_kwargs(name, n_classes=1000), scaling="paper")
 
 
-def timm_model(name: str):
-    """timm's VisionTransformer in configuration ``name``, random weights (never downloads)."""
+def timm_model(name: str, device=None):
+    """timm's model in configuration ``name``, random weights (never downloads). A family size is the timm model
+    of that name as timm defines it (its MLP ratio, pooling, registers, rotary embedding) at its image size."""
     import timm
 
-    return timm.create_model(CONFIGS[name]["timm"], pretrained=False, **timm_kwargs(name, num_classes=1000))
+    c = CONFIGS[name]
+    if c["family"] != "vit":
+        return timm.create_model(c["timm"], pretrained=False, num_classes=1000, img_size=c["img"], device=device)
+    return timm.create_model(c["timm"], pretrained=False, device=device,
+                             **timm_kwargs(name, num_classes=1000))
 
 
 TIMM, TIMM_NO_CUDNN_BENCHMARK, OURS = "timm eager (SDPA)", "timm eager (SDPA, cudnn.benchmark off)", "ours (from_timm)"
@@ -67,18 +86,19 @@ def build_candidates(name: str, dtype: torch.dtype, device, compile_modes=()) ->
     from vit_kernels import reference
 
     torch.manual_seed(0)
-    ref = tutorial_model(reference.ViT, name).to(device, dtype).eval()
-    ours = tutorial_model(vit_kernels.ViT, name).to(device, dtype).eval()
-    ours.load_state_dict(ref.state_dict())
     timm_eager = timm_model(name).to(device, dtype).eval()
     ours_timm = vit_kernels.from_timm(copy.deepcopy(timm_eager))  # in place: on a copy, not the baseline
     candidates = {
         TIMM: Candidate(timm_eager),
         TIMM_NO_CUDNN_BENCHMARK: Candidate(timm_eager, TIMM, cudnn_benchmark=False),
         OURS: Candidate(ours_timm, TIMM),
-        "reference eager": Candidate(ref),
-        "ours (tutorial ViT)": Candidate(ours, "reference eager"),
     }
+    if CONFIGS[name]["family"] == "vit":  # the tutorial flavour exists for the original ViT only
+        ref = tutorial_model(reference.ViT, name).to(device, dtype).eval()
+        ours = tutorial_model(vit_kernels.ViT, name).to(device, dtype).eval()
+        ours.load_state_dict(ref.state_dict())
+        candidates["reference eager"] = Candidate(ref)
+        candidates["ours (tutorial ViT)"] = Candidate(ours, "reference eager")
     for mode in compile_modes:
         compiled = torch.compile(timm_eager, mode=None if mode == "default" else mode, dynamic=False)
         candidates[f"timm torch.compile ({mode})"] = Candidate(

@@ -34,9 +34,10 @@ def _builders(name: str, device, compile_modes) -> dict:
     builders = {
         TIMM: (timm_vit, None),
         OURS: (lambda: vit_kernels.from_timm(timm_vit()), TIMM),
-        "reference eager": (lambda: tutorial(reference.ViT), None),
-        "ours (tutorial ViT)": (lambda: tutorial(vit_kernels.ViT), "reference eager"),
     }
+    if CONFIGS[name]["family"] == "vit":  # the tutorial flavour exists for the original ViT only
+        builders["reference eager"] = (lambda: tutorial(reference.ViT), None)
+        builders["ours (tutorial ViT)"] = (lambda: tutorial(vit_kernels.ViT), "reference eager")
     for mode in compile_modes:
         builders[f"timm torch.compile ({mode})"] = (
             lambda mode=mode: torch.compile(timm_vit(), mode=None if mode == "default" else mode, dynamic=False),

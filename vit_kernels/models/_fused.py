@@ -147,9 +147,49 @@ def recording_attention_maps():
         _attention_maps = previous
 
 
+def qk_norm_kind(module) -> str | None:
+    """"layer" / "rms" for a per-head q or k norm the attention kernel applies in its prologue; None for none."""
+    if is_identity(module):
+        return None
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return "layer"
+    if type(module).__name__ in ("RmsNorm", "RMSNorm") and len(getattr(module, "normalized_shape", (0, 0))) == 1:
+        return "rms"  # timm.layers.RmsNorm and torch.nn.RMSNorm
+    return "unsupported"
+
+
+def check_qk_norm(where: str, q_norm, k_norm) -> None:
+    """Patch-time check: both norms absent, or both a LayerNorm / RMSNorm of one kind over head_dim."""
+    kinds = {qk_norm_kind(q_norm), qk_norm_kind(k_norm)}
+    if "unsupported" in kinds or len(kinds) > 1:
+        raise NotImplementedError(f"{where} qk-norm of types {type(q_norm).__name__}/{type(k_norm).__name__} is not "
+                                  f"supported by the vit_kernels kernels (only LayerNorm or RMSNorm on both q and k)")
+
+
+def qk_norm_args(q_norm, k_norm, cast, dtype: torch.dtype) -> dict:
+    """The keywords of ``ops.attention`` that apply q_norm / k_norm (checked by ``check_qk_norm``) in the
+    attention kernel's prologue; {} without them."""
+    kind = qk_norm_kind(q_norm)
+    if kind is None:
+        return {}
+    eps = q_norm.eps if q_norm.eps is not None else torch.finfo(dtype).eps  # nn.RMSNorm(eps=None)
+    return dict(qk_norm=kind, qk_norm_eps=float(eps), q_norm_weight=cast(getattr(q_norm, "weight", None)),
+                q_norm_bias=cast(getattr(q_norm, "bias", None)), k_norm_weight=cast(getattr(k_norm, "weight", None)),
+                k_norm_bias=cast(getattr(k_norm, "bias", None)))
+
+
+def self_attention(qkv, num_heads, scaling, mask=None, dropout=0.0, attn_args=None):
+    """``ops.attention`` on the qkv GEMM's (qkv h d) output, recording the probabilities inside
+    ``recording_attention_maps``."""
+    attn_args = attn_args or {}
+    if _attention_maps is not None:
+        _attention_maps.append(ops.attention_probabilities(qkv, num_heads, "qkv h d", scaling, mask, **attn_args))
+    return ops.attention(qkv, num_heads, layout="qkv h d", scaling=scaling, mask=mask, dropout=dropout, **attn_args)
+
+
 def encoder_block(x, norm1, qkv, proj, norm2, fc1, fc2, cast, *, num_heads, qkv_interleaved, scaling, mask=None,
                   activation="gelu", gamma1=None, gamma2=None, attn_drop=0.0, proj_drop=0.0, hidden_drop=0.0,
-                  out_drop=0.0, drop_path1=None, drop_path2=None):
+                  out_drop=0.0, drop_path1=None, drop_path2=None, attn_args=None):
     """One pre-norm block, seven launches: LN1, qkv GEMM, attention, proj GEMM (+residual), LN2,
     fc1 GEMM (+GELU), fc2 GEMM (+residual). x: [B, N, E] in the compute dtype.
 
@@ -158,12 +198,11 @@ def encoder_block(x, norm1, qkv, proj, norm2, fc1, fc2, cast, *, num_heads, qkv_
     Dropout rates (0 in eval): attn_drop on the attention probabilities, proj_drop on the projection before
     its layer scale and residual, hidden_drop after the MLP's GELU, out_drop on fc2 before its residual.
     drop_path1/2: stochastic depth, fp32 per-sample factors [B] on the attention / MLP branch (see
-    ``drop_path_factors``), applied in the proj / fc2 epilogues before the residual add."""
+    ``drop_path_factors``), applied in the proj / fc2 epilogues before the residual add.
+    attn_args: more keywords of ``ops.attention`` (qk-norm: ``qk_norm_args``; rotary tables)."""
     h = ops.layer_norm(x, cast(norm1.weight), cast(norm1.bias), norm1.eps)
     h = ops.linear(h, cast(qkv.weight), cast(qkv.bias), deinterleave=3 if qkv_interleaved else 1)
-    if _attention_maps is not None:
-        _attention_maps.append(ops.attention_probabilities(h, num_heads, "qkv h d", scaling, mask))
-    h = ops.attention(h, num_heads, layout="qkv h d", scaling=scaling, mask=mask, dropout=attn_drop)
+    h = self_attention(h, num_heads, scaling, mask, attn_drop, attn_args)
     x = ops.linear(h, cast(proj.weight), cast(proj.bias), scale=cast(gamma1), residual=x, dropout=proj_drop,
                    branch_scale=drop_path1)
     h = ops.layer_norm(x, cast(norm2.weight), cast(norm2.bias), norm2.eps)

@@ -1,6 +1,7 @@
 """``accelerate(model)``: put a ViT from any supported framework on the fused kernels, in place."""
 from __future__ import annotations
 
+import importlib
 import sys
 
 from torch import nn
@@ -8,8 +9,31 @@ from torch import nn
 from .. import reference
 
 SUPPORTED = ("vit_kernels.ViT / vit_kernels.reference.ViT; the tutorial's einops ViT (nn.Sequential of "
-             "PatchEmbedding, TransformerEncoder, ClassificationHead); timm VisionTransformer; torchvision "
-             "VisionTransformer (vit_b_16, ...); Hugging Face transformers ViTModel / ViTForImageClassification")
+             "PatchEmbedding, TransformerEncoder, ClassificationHead); timm VisionTransformer (CLIP, SigLIP, "
+             "DINOv2, ...) and Eva (EVA-02, DINOv3); torchvision VisionTransformer (vit_b_16, ...); Hugging Face "
+             "transformers ViTModel / ViTForImageClassification, CLIPVisionModel / CLIPVisionModelWithProjection / "
+             "CLIPForImageClassification, SiglipVisionModel / SiglipForImageClassification, Dinov2Model / "
+             "Dinov2ForImageClassification / Dinov2WithRegistersModel / Dinov2WithRegistersForImageClassification")
+
+# transformers module -> (model classes, adapter module, patch function); imported only when the module is
+HF_FAMILIES = {
+    "transformers.models.vit.modeling_vit": (("ViTModel", "ViTForImageClassification"), "hf_vit", "patch_hf"),
+    "transformers.models.clip.modeling_clip": (
+        ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPForImageClassification"), "hf_clip", "patch_clip"),
+    "transformers.models.siglip.modeling_siglip": (("SiglipVisionModel", "SiglipForImageClassification"),
+                                                   "hf_siglip", "patch_siglip"),
+    "transformers.models.dinov2.modeling_dinov2": (("Dinov2Model", "Dinov2ForImageClassification"), "hf_dinov2",
+                                                   "patch_dinov2"),
+    "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers": (
+        ("Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification"), "hf_dinov2", "patch_dinov2"),
+}
+# recognized, but another structure than the kernels compute
+HF_REFUSED = {
+    "transformers.models.siglip2.modeling_siglip2": (
+        ("Siglip2VisionModel", "Siglip2ForImageClassification", "Siglip2Model"),
+        ("NaFlex inputs (pre-patchified pixel_values through a Linear patch embedding, per-image position "
+         "resizing by spatial_shapes, pixel_attention_mask)")),
+}
 
 
 def _classes(module_name: str, *names: str) -> tuple:
@@ -30,14 +54,17 @@ def accelerate(model: nn.Module) -> nn.Module:
     ``vit_kernels.restore(model)`` undoes it. Accelerating twice is the same as once.
 
     Recognized: ``vit_kernels.ViT`` (already fused); ``vit_kernels.reference.ViT`` and the tutorial's own einops
-    ``ViT`` (recognized by structure); a timm ``VisionTransformer`` (see ``from_timm``); a torchvision
-    ``VisionTransformer``; a Hugging Face ``ViTModel`` or ``ViTForImageClassification`` (transformers >= 5).
+    ``ViT`` (recognized by structure); a timm ``VisionTransformer`` or ``Eva`` (see ``from_timm``); a torchvision
+    ``VisionTransformer``; Hugging Face (transformers >= 5) ``ViTModel`` / ``ViTForImageClassification``,
+    ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` / ``CLIPForImageClassification``,
+    ``SiglipVisionModel`` / ``SiglipForImageClassification``, ``Dinov2Model`` / ``Dinov2WithRegistersModel`` and
+    their ``...ForImageClassification``.
 
     Raises ``TypeError`` for any other kind of model, and ``NotImplementedError`` naming the module and the
     feature when a recognized model uses one the kernels cannot compute (e.g. a conv stem, attention pooling,
     a head_dim over ``ops.MAX_HEAD_DIM``) — when patching, before any forward.
     """
-    from .hf_vit import patch_hf
+    from .timm_eva import patch_eva
     from .timm_vit import patch_timm
     from .torchvision_vit import patch_torchvision
     from .tutorial import ViT, is_tutorial_tree, patch_tutorial
@@ -48,10 +75,17 @@ def accelerate(model: nn.Module) -> nn.Module:
         return patch_tutorial(model)
     if isinstance(model, _classes("timm.models.vision_transformer", "VisionTransformer")):
         return patch_timm(model)
+    if isinstance(model, _classes("timm.models.eva", "Eva")):
+        return patch_eva(model)
     if isinstance(model, _classes("torchvision.models.vision_transformer", "VisionTransformer")):
         return patch_torchvision(model)
-    if isinstance(model, _classes("transformers.models.vit.modeling_vit", "ViTModel", "ViTForImageClassification")):
-        return patch_hf(model)
+    for module_name, (names, adapter, fn) in HF_FAMILIES.items():
+        if isinstance(model, _classes(module_name, *names)):
+            return getattr(importlib.import_module(f"{__package__}.{adapter}"), fn)(model)
+    for module_name, (names, why) in HF_REFUSED.items():
+        if isinstance(model, _classes(module_name, *names)):
+            raise NotImplementedError(f"accelerate: Hugging Face {type(model).__name__} is not supported by the "
+                                      f"vit_kernels kernels: {why}")
     raise TypeError(f"accelerate: unsupported model type {type(model).__module__}.{type(model).__qualname__}; "
                     f"supported: {SUPPORTED}")
 

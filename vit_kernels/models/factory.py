@@ -12,7 +12,18 @@ import re
 
 import torch
 
-NAME_PATTERN = re.compile(r"vit_(tiny|small|base|large|huge)_patch(8|14|16|32)_(224|384)")
+NAME_PATTERNS = {  # timm module -> the names of its models that the fused kernels run, by family
+    "vision_transformer": re.compile("|".join((
+        r"vit_(tiny|small|base|large|huge)_patch(8|14|16|32)_(224|384)",  # the original ViT
+        r"vit_[a-z0-9]+_patch\d+(_plus)?_clip(_quickgelu)?_\d+",  # CLIP: pre-norm, (Quick)GELU
+        r"vit_[a-z0-9]+_patch\d+_siglip(_gap)?_\d+",  # SigLIP: MAP pooling (or gap), tanh GELU
+        r"vit_[a-z0-9]+_patch14_(reg4_)?dinov2",  # DINOv2: LayerScale, registers (giant: SwiGLU)
+    ))),
+    "eva": re.compile("|".join((
+        r"eva02_(tiny|small|base|large)_patch(14|16)(_clip)?_\d+",  # EVA-02: 2D RoPE, SwiGLU + inner LayerNorm
+        r"vit_[a-z0-9_]+_patch16_dinov3(_qkvb)?",  # DINOv3: 2D RoPE (half layout), registers, LayerScale
+    ))),
+}
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
@@ -26,11 +37,13 @@ def _timm():
 
 
 def supported_models() -> list[str]:
-    """The timm ViT names ``create_model`` accepts: plain ``vit_{tiny,small,base,large,huge}_patch{8,14,16,32}_
-    {224,384}`` VisionTransformer models in timm's registry (so it depends on the installed timm)."""
+    """The timm model names ``create_model`` accepts (from the installed timm's registry): the original
+    ``vit_{tiny,small,base,large,huge}_patch{8,14,16,32}_{224,384}``, CLIP (``vit_*_clip_*``, QuickGELU
+    variants included), SigLIP (``vit_*_siglip_*``), DINOv2 (``vit_*_dinov2``, with registers too), EVA-02
+    (``eva02_*``) and DINOv3 (``vit_*_dinov3``)."""
     timm = _timm()
-    return sorted(name for name in timm.list_models("vit_*_patch*", module="vision_transformer")
-                  if NAME_PATTERN.fullmatch(name))
+    return sorted(name for module, pattern in NAME_PATTERNS.items() for name in timm.list_models(module=module)
+                  if pattern.fullmatch(name))
 
 
 def _check_name(name) -> None:
@@ -125,7 +138,8 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str
 
 
 def create_model(name: str, *, checkpoint_path=None, **kwargs):
-    """A standard timm ViT (``vit_base_patch16_224``, ``vit_large_patch14_224``, ...) on the fused kernels.
+    """A timm ViT by name (``vit_base_patch16_224``, ``vit_large_patch14_clip_224``, ``vit_so400m_patch14_siglip_224``,
+    ``vit_base_patch14_reg4_dinov2``, ...: ``supported_models()``) on the fused kernels.
 
     ``kwargs`` go to ``timm.create_model(name, pretrained=False, **kwargs)`` (e.g. ``num_classes``,
     ``img_size``, ``dynamic_img_size=True``, ``device``). ``checkpoint_path``: a local ``.safetensors`` or

@@ -9,6 +9,7 @@ from .attention_probs import attention_probabilities
 from .dispatch import backend_for, launch_counts, reset_launch_counts, use_backend
 from .dropout import dropout
 from .head import classification_head, pool_tokens
+from .latent_attention import latent_attention as latent_attention  # re-exported (registers the op)
 from .layer_norm import layer_norm
 from .linear import linear
 from .patch_embed import patch_embed

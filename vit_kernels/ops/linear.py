@@ -1,13 +1,17 @@
 """One GEMM engine for every Linear of the ViT:
 ``out = residual + scale * dropout(act(x @ W^T + bias))``.
 
-Each epilogue piece (bias, GELU erf/tanh, dropout, per-feature scale = timm's LayerScale, residual add) is
-a constexpr flag, so qkv, proj(+dropout+residual), fc1(+GELU+dropout), fc2(+dropout+residual) and the head
-are one kernel source. Dropout masks come from Philox on (seed, row, column): backward regenerates them.
+Each epilogue piece (bias, activation: GELU erf/tanh, quick-GELU, SiLU; dropout, per-feature scale = timm's
+LayerScale, residual add) is a constexpr flag, so qkv, proj(+dropout+residual), fc1(+GELU+dropout),
+fc2(+dropout+residual) and the head are one kernel source. Dropout masks come from Philox on (seed, row,
+column): backward regenerates them.
 
 W (and the bias) may also be up to three separate tensors stacked along the output rows (WEIGHT_BLOCKS): each
 output column reads the block holding its row of their concatenation, in place, so Hugging Face's separate
 q/k/v Linears feed one qkv GEMM with no concatenated copy of their parameters.
+
+SwiGLU (ACTIVATION="swiglu", two blocks: gate and up): each program reads the same rows of both blocks into
+two accumulators and forms silu(gate) * up before the epilogue: one launch, output width H.
 """
 from __future__ import annotations
 
@@ -23,9 +27,9 @@ from .dispatch import dispatch
 from .dropout import dropout_args, dropout_op, new_seed
 from .launch import Tuned, config, dot_precision, launch_grid, new_output, row_major
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
-from .tl_helpers import tl_apply_dropout, tl_gelu
+from .tl_helpers import tl_activation, tl_apply_dropout
 
-ACTIVATIONS = (None, "gelu", "gelu_tanh")
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "quick_gelu", "silu", "swiglu")
 MAX_WEIGHT_BLOCKS = 3
 
 
@@ -60,14 +64,11 @@ def tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split
               HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr,
               WEIGHT_BLOCKS: tl.constexpr):
     n_mask = offs_n < N
-    if HAS_BIAS:
+    if HAS_BIAS and ACTIVATION != "swiglu":  # swiglu: both blocks' biases went in before the gated product
         bias_ptrs = tl_block_ptrs(tl_weight_row(offs_n % N, N, DEINTERLEAVE), 0, split1, split2, bias_ptr, bias2_ptr,
                                   bias3_ptr, 1, 1, 1, WEIGHT_BLOCKS)
         acc += tl.load(bias_ptrs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if ACTIVATION == "gelu":
-        acc = tl_gelu(acc, False)
-    elif ACTIVATION == "gelu_tanh":
-        acc = tl_gelu(acc, True)
+    acc = tl_activation(acc, ACTIVATION)  # elementwise ones; swiglu's product is formed before the epilogue
     if DROPOUT:  # indexed by output (row, column): the same mask whatever the tiling
         acc = tl_apply_dropout(acc, seed, offs_m, offs_n, 0, dropout_p, keep_scale)
     if HAS_SCALE:
@@ -107,9 +108,14 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
     safe_m = (offs_m % M).to(tl.int64)
     w_row = tl_weight_row(offs_n % N, N, DEINTERLEAVE)
     a_ptrs = a_ptr + safe_m[:, None] * stride_am + offs_k[None, :]
-    # each column's weight row, in whichever block holds it: chosen once here, the loop only advances along K
-    w_ptrs = tl_block_ptrs(w_row.to(tl.int64)[None, :], offs_k[:, None], split1, split2, w_ptr, w2_ptr, w3_ptr,
-                           stride_wn, stride_wn2, stride_wn3, WEIGHT_BLOCKS)
+    GATED: tl.constexpr = ACTIVATION == "swiglu"
+    if GATED:  # output column n is silu(gate row n) * (up row n): rows of both blocks, two accumulators
+        w_ptrs = w_ptr + w_row.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+        u_ptrs = w2_ptr + w_row.to(tl.int64)[None, :] * stride_wn2 + offs_k[:, None]
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:  # each column's weight row, in whichever block holds it: chosen once here, the loop only advances K
+        w_ptrs = tl_block_ptrs(w_row.to(tl.int64)[None, :], offs_k[:, None], split1, split2, w_ptr, w2_ptr, w3_ptr,
+                               stride_wn, stride_wn2, stride_wn3, WEIGHT_BLOCKS)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
@@ -117,8 +123,19 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if GATED:
+            u = tl.load(u_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc_up = tl.dot(a, u, acc_up, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+            u_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+
+    if GATED:  # silu(gate + bias) * (up + bias2): the epilogue then sees one tile, with no bias or activation
+        if HAS_BIAS:
+            n_mask = offs_n < N
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            acc_up += tl.load(bias2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc = acc * tl.sigmoid(acc) * acc_up
 
     if SPLIT_EPILOGUE:
         # two column halves, one after the other: half the epilogue registers, so wide tiles do not spill
@@ -144,6 +161,12 @@ def training_epilogue_fits(meta: dict, flags: dict) -> bool:
     return not ((flags.get("DROPOUT") or flags.get("HAS_BRANCH_SCALE")) and meta["BLOCK_N"] > 128)
 
 
+LINEAR_ARGS = dict(
+    key=["M", "N", "K", "HAS_RESIDUAL", "ACTIVATION", "DROPOUT", "HAS_BRANCH_SCALE", "WEIGHT_BLOCKS"],
+    interpret_config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_EPILOGUE=True),
+    arg_types={"branch_ptr": "*fp32", "dropout_p": "fp32", "keep_scale": "fp32"},
+    aligned=("stride_am", "stride_wn", "stride_wn2", "stride_wn3", "stride_rm", "stride_om", "K", "split1", "split2"),
+)
 LINEAR = Tuned(
     "linear", _linear_kernel,
     configs=[
@@ -157,11 +180,22 @@ LINEAR = Tuned(
         config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
         config(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
     ],
-    key=["M", "N", "K", "HAS_RESIDUAL", "ACTIVATION", "DROPOUT", "HAS_BRANCH_SCALE", "WEIGHT_BLOCKS"],
     keep=lambda meta, flags: training_epilogue_fits(meta, flags),
-    interpret_config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_EPILOGUE=True),
-    arg_types={"branch_ptr": "*fp32", "dropout_p": "fp32", "keep_scale": "fp32"},
-    aligned=("stride_am", "stride_wn", "stride_wn2", "stride_wn3", "stride_rm", "stride_om", "K", "split1", "split2"),
+    **LINEAR_ARGS,
+)
+# swiglu (ACTIVATION="swiglu"): two accumulators and two weight tiles per K step, so a tile does the work of a
+# plain one twice as wide. 128x128 fits sm_90 (255 registers) but spills on sm_80 (120-160 bytes, 8 or 16 warps,
+# split epilogue or not; the compile check is arch-blind), as do 128x64 with 4 warps and 256x64
+LINEAR_GLU = Tuned(
+    "linear", _linear_kernel,
+    configs=[
+        config(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
+        config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
+        config(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
+        config(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
+        config(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
+    ],
+    **LINEAR_ARGS,
 )
 
 
@@ -189,9 +223,27 @@ def as_blocks(weight, bias):
     return weights, tuple(bias)
 
 
-def check_linear(x, weights, biases, activation, scale, residual, deinterleave):
+def check_swiglu(weights, scale, residual, deinterleave, branch_scale) -> None:
+    """swiglu's own rules: exactly the (gate, up) blocks, and none of the epilogue pieces it does not fuse."""
+    if len(weights) != 2:
+        raise ValueError(f"activation='swiglu' needs weight as exactly two blocks (w_gate, w_up), got "
+                         f"{len(weights)} block{'s' if len(weights) != 1 else ''}")
+    unsupported = [name for name, value in (("scale", scale), ("residual", residual), ("branch_scale", branch_scale))
+                   if value is not None]
+    if deinterleave != 1:
+        unsupported.append(f"deinterleave={deinterleave!r}")
+    if unsupported:
+        raise ValueError(f"activation='swiglu' does not combine with {', '.join(unsupported)} (its output feeds "
+                         "fc2 or a norm: apply those there)")
+
+
+def check_linear(x, weights, biases, activation, scale, residual, deinterleave, branch_scale=None):
     """weights / biases: as_blocks' tuples (one entry: a plain weight, named "weight"; several: "weight[i]")."""
     check_tensor("x", x, dims=2)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "swiglu":
+        check_swiglu(weights, scale, residual, deinterleave, branch_scale)
     names = ["weight"] if len(weights) == 1 else [f"weight[{i}]" for i in range(len(weights))]
     for name, weight in zip(names, weights):
         check_tensor(name, weight, dims=2, dtype=x.dtype)
@@ -202,10 +254,11 @@ def check_linear(x, weights, biases, activation, scale, residual, deinterleave):
     for i, weight in enumerate(weights):
         check_vector(names[i].replace("weight", "bias"), None if biases is None else biases[i], weight.shape[0],
                      x.dtype, x.device)
+    if activation == "swiglu" and weights[0].shape != weights[1].shape:
+        raise ValueError(f"activation='swiglu' needs gate and up blocks of the same shape, got weight[0] "
+                         f"{tuple(weights[0].shape)} and weight[1] {tuple(weights[1].shape)}")
     n = sum(weight.shape[0] for weight in weights)
     check_vector("scale", scale, n, x.dtype, x.device)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if isinstance(deinterleave, bool) or not isinstance(deinterleave, int) or deinterleave < 1 or n % deinterleave:
         raise ValueError(f"deinterleave must be a positive int dividing the {n} output features, got {deinterleave!r}")
     if deinterleave > 1 and len(weights) > 1:
@@ -234,7 +287,9 @@ def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=No
     ``dropout`` > 0 needs ``seed`` (a ``new_seed()`` tensor); ``branch_scale`` is an fp32 [S] vector, S
     dividing M, row m scaled by branch_scale[m // (M / S)]. ``weight2``/``weight3`` (and ``bias2``/``bias3``,
     given exactly when ``bias`` is) are further row blocks: the weight is cat([weight, weight2, weight3]),
-    read in place. ``config`` (a triton.Config) bypasses autotuning: tests and the config sweep use it."""
+    read in place. ``activation="swiglu"``: ``weight``/``weight2`` are the gate and up blocks [H, K] (biases
+    likewise) and the output is silu(x gate^T + bias) * (x up^T + bias2), [M, H]. ``config`` (a triton.Config)
+    bypasses autotuning: tests and the config sweep use it."""
     if weight3 is not None and weight2 is None:
         raise ValueError("weight3 is given without weight2")
     weights = [row_major(w) for w in present(weight, weight2, weight3)]
@@ -245,14 +300,17 @@ def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=No
     scale, residual, branch_scale = (None if t is None else row_major(t) for t in (scale, residual, branch_scale))
     M, K = x.shape
     rows = [w.shape[0] for w in weights]
-    N = sum(rows)
+    gated = activation == "swiglu"
+    if gated and (len(rows) != 2 or rows[0] != rows[1]):
+        raise ValueError(f"swiglu needs two weight blocks (gate, up) of equal rows, got blocks of {rows} rows")
+    N = out_features(rows, activation)
     out = new_output((M, N), x.device, x.dtype)
     if M == 0 or N == 0:
         return out
     dummy = x  # never read: its flag is off
     w1, w2, w3 = (weights + [weights[0]] * 2)[:3]  # unused block slots repeat block 1: WEIGHT_BLOCKS skips them
     b1, b2, b3 = (dummy,) * 3 if biases is None else (biases + [biases[0]] * 2)[:3]
-    LINEAR.launch(
+    (LINEAR_GLU if gated else LINEAR).launch(
         lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),
         x, w1, w2, w3, b1, b2, b3, dummy if scale is None else scale,
         dummy if branch_scale is None else branch_scale, dummy if residual is None else residual, out, M, N, K,
@@ -266,9 +324,34 @@ def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=No
     return out
 
 
-def gelu_derivative(pre: torch.Tensor, activation: str) -> torch.Tensor:
-    """d GELU / d pre, in fp32 (exact: Phi(x) + x phi(x); tanh: the derivative of the tanh approximation)."""
+def out_features(rows, activation) -> int:
+    """Output width for weight blocks of ``rows`` rows: all of them, or one block's (H) for swiglu."""
+    return rows[0] if activation == "swiglu" else sum(rows)
+
+
+def activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """An epilogue activation in PyTorch (the fallback's, and backward's recompute). swiglu: y is the gate
+    and up pre-activations side by side, [..., 2H] -> silu(gate) * up, [..., H]."""
+    if activation is None:
+        return y
+    if activation == "swiglu":
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if activation == "quick_gelu":
+        return y * torch.sigmoid(1.702 * y)
+    if activation == "silu":
+        return F.silu(y)
+    return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def activation_derivative(pre: torch.Tensor, activation: str) -> torch.Tensor:
+    """d activation / d pre, in fp32 (exact GELU: Phi(x) + x phi(x); tanh: the derivative of the tanh
+    approximation; x sigmoid(a x): s + a x s (1 - s), a = 1.702 for quick_gelu, 1 for silu)."""
     x = pre.float()
+    if activation in ("quick_gelu", "silu"):
+        a = 1.702 if activation == "quick_gelu" else 1.0
+        s = torch.sigmoid(a * x)
+        return s * (1 + a * x * (1 - s))
     if activation == "gelu_tanh":
         inner = 0.7978845608028654 * (x + 0.044715 * x ** 3)
         t = torch.tanh(inner)
@@ -285,8 +368,9 @@ def linear_backward(dy, x, weights, biases, activation, scale, deinterleave, dro
     one per block; dweights / dbiases: one entry per block, None where not needed). The GEMMs are cuBLAS
     through torch.mm (allowed for the plain GEMMs of backward): dW is one GEMM split into per-block views, dx
     one GEMM on the blocks' concatenation (a backward-only temporary). The pre-activation is recomputed with
-    our kernel, reading the blocks in place, only when GELU or scale needs it, and the dropout mask is
-    regenerated from the seed by the dropout kernel."""
+    our kernel, reading the blocks in place, only when the activation or scale needs it (swiglu: one GEMM
+    over the gate and up blocks gives both), and the dropout mask is regenerated from the seed by the dropout
+    kernel."""
     dy32 = dy.float()
     if branch_scale is not None:  # each sample's rows carry its stochastic-depth factor
         dy32 = (dy32.view(branch_scale.shape[0], -1, dy32.shape[1]) * branch_scale[:, None, None]).view(dy32.shape)
@@ -299,12 +383,14 @@ def linear_backward(dy, x, weights, biases, activation, scale, deinterleave, dro
     dscale = None
     if scale is not None:
         if needs[SCALE_ARG]:
-            act = pre if activation is None else F.gelu(pre, approximate="tanh" if activation == "gelu_tanh"
-                                                        else "none")
+            act = activate(pre, activation)
             dscale = (dy32 * act).sum(0).to(scale.dtype)
         dy32 = dy32 * scale.float()
-    if activation is not None:
-        dy32 = dy32 * gelu_derivative(pre, activation)
+    if activation == "swiglu":  # d/d gate and d/d up of silu(gate) * up, side by side like the blocks' rows
+        gate, up = pre.chunk(2, dim=1)
+        dy32 = torch.cat([dy32 * up * activation_derivative(gate, "silu"), dy32 * F.silu(gate)], dim=1)
+    elif activation is not None:
+        dy32 = dy32 * activation_derivative(pre, activation)
     if deinterleave > 1:  # back from output order to weight-row order
         m, n = dy32.shape
         dy32 = dy32.view(m, deinterleave, n // deinterleave).transpose(1, 2).reshape(m, n)
@@ -342,7 +428,8 @@ def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 @linear_op.register_fake
 def _(x, weight, bias, activation, scale, residual, deinterleave, dropout=0.0, seed=None, branch_scale=None,
       weight2=None, weight3=None, bias2=None, bias3=None):
-    return x.new_empty((x.shape[0], sum(w.shape[0] for w in present(weight, weight2, weight3))))
+    return x.new_empty((x.shape[0], out_features([w.shape[0] for w in present(weight, weight2, weight3)],
+                                                 activation)))
 
 
 def _linear_setup(ctx, inputs, output):
@@ -371,15 +458,15 @@ linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 def linear_torch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1, dropout=0.0,
                  branch_scale=None):
     """The PyTorch fallback, same semantics (its dropout masks come from torch's RNG, not Philox). ``weight``
-    and ``bias`` may be row blocks (tuples/lists, as ``linear`` takes them): concatenated here."""
+    and ``bias`` may be row blocks (tuples/lists, as ``linear`` takes them): concatenated here (swiglu: the
+    gate and up pre-activations side by side, then split by ``activate``)."""
     weights, biases = as_blocks(weight, bias)
     weight = weights[0] if len(weights) == 1 else torch.cat(weights)
     bias = None if biases is None else biases[0] if len(biases) == 1 else torch.cat(biases)
     y = F.linear(x, weight, bias)
     if deinterleave > 1:
         y = y.unflatten(-1, (-1, deinterleave)).transpose(-1, -2).flatten(-2)
-    if activation is not None:
-        y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    y = activate(y, activation)
     if dropout:
         y = F.dropout(y, dropout)
     if scale is not None:
@@ -408,7 +495,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
     """``residual + scale * dropout(activation(x @ weight.T + bias))`` over the last axis of ``x`` (any
     leading dims).
 
-    activation: None, ``"gelu"`` (exact erf) or ``"gelu_tanh"``; dropout: the probability of zeroing an
+    activation: None, ``"gelu"`` (exact erf), ``"gelu_tanh"``, ``"quick_gelu"`` (x sigmoid(1.702 x), OpenAI
+    CLIP's), ``"silu"`` (x sigmoid(x)) or ``"swiglu"`` (below); dropout: the probability of zeroing an
     element (survivors scaled by 1 / (1 - p), as nn.Dropout; 0 compiles it out); scale is a per-output-feature
     vector; residual has the output's shape. All tensors share x's dtype and device, except branch_scale: a
     float32 [B] vector for x of shape [B, ...], multiplying each sample's rows after ``scale`` and before the
@@ -422,6 +510,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
     (all None counts as None). The kernel reads each block in place, no concatenated copy (e.g. Hugging Face's
     separate query/key/value Linears as one qkv GEMM: ``linear(x, (wq, wk, wv), (bq, bk, bv))``); gradients
     reach every block. Not combinable with deinterleave > 1.
+
+    SwiGLU in one GEMM: ``linear(x, (w_gate, w_up), (b_gate, b_up) or None, activation="swiglu", dropout=p)``
+    is ``dropout(silu(x @ w_gate.T + b_gate) * (x @ w_up.T + b_up))``, of width H (the rows of each block; the
+    two blocks have the same shape). Each tile reads the rows of both blocks in place (timm SwiGLU's
+    fc1_g/fc1_x weights, or ``w.chunk(2)`` views of a packed [2H, K] weight as in timm SwiGLUPacked and Hugging
+    Face Dinov2SwiGLUFFN, gate first); gradients reach them (through the views: the packed tensor). Dropout
+    (timm's drop1) applies after the product; scale, residual, branch_scale and deinterleave are rejected.
     """
     check_tensor("x", x)
     if x.dim() < 2:
@@ -433,10 +528,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
         check_tensor("residual", residual)
         res2 = residual.reshape(-1, residual.shape[-1]) if residual.shape[:-1] == lead else residual
     weights, biases = as_blocks(weight, bias)
-    check_linear(x2, weights, biases, activation, scale, res2, deinterleave)
+    check_linear(x2, weights, biases, activation, scale, res2, deinterleave, branch_scale)
     check_probability("dropout", dropout)
     check_branch_scale(branch_scale, x)
-    n = sum(w.shape[0] for w in weights)
+    n = out_features([w.shape[0] for w in weights], activation)
     b1 = None if biases is None else biases[0]
     blocks = () if len(weights) == 1 else (*later_blocks(weights), *later_blocks(biases))  # weight2, 3, bias2, 3
     return dispatch(
@@ -455,12 +550,16 @@ VARIANTS = (
     # proj / fc2: layer scale + residual, with dropout and stochastic depth on or off
     *({**PLAIN, "DROPOUT": drop, "HAS_SCALE": True, "HAS_BRANCH_SCALE": branch, "HAS_RESIDUAL": True}
       for drop in (False, True) for branch in (False, True)),
-    # fc1: GELU (erf or tanh), with dropout on or off
-    *({**PLAIN, "ACTIVATION": act, "DROPOUT": drop} for act in ("gelu", "gelu_tanh") for drop in (False, True)),
+    # fc1: GELU (erf or tanh), quick-GELU (CLIP), SiLU, with dropout on or off
+    *({**PLAIN, "ACTIVATION": act, "DROPOUT": drop} for act in ("gelu", "gelu_tanh", "quick_gelu", "silu")
+      for drop in (False, True)),
     {**PLAIN, "DEINTERLEAVE": 3},  # the tutorial's qkv
     {**PLAIN, "WEIGHT_BLOCKS": 3},  # Hugging Face's qkv: separate query/key/value weights and biases
     {**PLAIN, "HAS_BIAS": False},
 )
+# SwiGLU fc1 (LINEAR_GLU's configs): gate and up blocks, with dropout on or off, with and without biases
+GLU_VARIANTS = tuple({**PLAIN, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROPOUT": drop, "HAS_BIAS": bias}
+                     for drop, bias in ((False, True), (True, True), (False, False)))
 
 
 def _opcheck_samples(device):
@@ -478,6 +577,12 @@ def _opcheck_samples(device):
         (linear_op, (r(9, 20), r(10, 20), r(10), "gelu", r(30), r(9, 30), 1, 0.0, None, None, r(10, 20), r(10, 20),
                      r(10), r(10))),
         (linear_op, (r(9, 20), r(7, 20), None, None, None, None, 1, 0.0, None, None, r(13, 20))),
+        (linear_op, (r(9, 20), r(30, 20), r(30), "quick_gelu", None, None, 1)),
+        (linear_op, (r(9, 20), r(30, 20), None, "silu", r(30), r(9, 30), 1, 0.25, new_seed())),
+        # swiglu: gate and up blocks (with biases and dropout; without biases)
+        (linear_op, (r(9, 20), r(13, 20), r(13), "swiglu", None, None, 1, 0.25, new_seed(), None, r(13, 20), None,
+                     r(13))),
+        (linear_op, (r(9, 20), r(13, 20), None, "swiglu", None, None, 1, 0.0, None, None, r(13, 20))),
     ]
 
 
@@ -486,7 +591,8 @@ def _grad_cases(device):
         return randn(*shape, device=device, scale=scale, grad=True)
 
     cases = []
-    for activation, deinterleave, p in ((None, 3, 0.0), ("gelu", 1, 0.2), ("gelu_tanh", 1, 0.0)):
+    for activation, deinterleave, p in ((None, 3, 0.0), ("gelu", 1, 0.2), ("gelu_tanh", 1, 0.0), ("quick_gelu", 1, 0.2),
+                                        ("silu", 1, 0.0)):
         seed = new_seed()
         cases.append(GradCase(
             f"{activation} deinterleave={deinterleave} dropout={p}",
@@ -502,6 +608,11 @@ def _grad_cases(device):
                                                                             w2, w3, b2, b3),
                           (r(5, 16), r(8, 16, scale=0.3), r(8, 16, scale=0.3), r(8, 16, scale=0.3), r(8), r(8), r(8),
                            r(24), r(5, 24))))
+    seed = new_seed()
+    cases.append(GradCase("swiglu gate/up blocks, dropout=0.2",
+                          lambda x, wg, wu, bg, bu: linear_op(x, wg, bg, "swiglu", None, None, 1, 0.2, seed, None, wu,
+                                                              None, bu),
+                          (r(5, 16), r(12, 16, scale=0.3), r(12, 16, scale=0.3), r(12), r(12))))
     return cases
 
 
@@ -513,6 +624,10 @@ def _examples(device, dtype, batch):
     return [((x, r(30, 20, scale=0.3), r(30)), dict(activation="gelu", scale=r(30), residual=r(batch, 5, 30))),
             ((x, r(30, 20, scale=0.3)), dict(deinterleave=3)),
             ((r(batch, 24), r(7, 24, scale=0.3), r(7)), dict(activation="gelu_tanh")),
+            ((x, r(30, 20, scale=0.3), r(30)), dict(activation="quick_gelu")),
+            ((x, r(30, 20, scale=0.3)), dict(activation="silu")),
+            # SwiGLU: the two row halves of a packed [2H, K] weight as gate and up blocks
+            ((x, r(26, 20, scale=0.3).chunk(2), r(26).chunk(2)), dict(activation="swiglu")),
             # Hugging Face's q/k/v: three weight and bias blocks, read in place
             ((x, tuple(r(10, 20, scale=0.3) for _ in range(3)), tuple(r(10) for _ in range(3))),
              dict(scale=r(30), residual=r(batch, 5, 30)))]
@@ -539,9 +654,10 @@ def _bench(size, batch, dtype, device):
 register(OpSpec(
     name="linear",
     fn=linear,
-    summary="GEMM + bias + GELU (erf or tanh) + dropout + layer scale + stochastic depth + residual add, "
-            "autotuned; can write the tutorial's interleaved qkv as contiguous q/k/v",
-    kernels=(KernelGrid(LINEAR, VARIANTS),),
+    summary="GEMM + bias + GELU (erf or tanh) / quick-GELU / SiLU + dropout + layer scale + stochastic depth + "
+            "residual add, autotuned; can write the tutorial's interleaved qkv as contiguous q/k/v; SwiGLU "
+            "(silu(gate) * up from two weight blocks) in one GEMM",
+    kernels=(KernelGrid(LINEAR, VARIANTS), KernelGrid(LINEAR_GLU, GLU_VARIANTS)),
     custom_ops=(linear_op,),
     opcheck_samples=_opcheck_samples,
     grad_cases=_grad_cases,

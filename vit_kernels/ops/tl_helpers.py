@@ -17,6 +17,21 @@ def tl_gelu(x, APPROXIMATE_TANH: tl.constexpr):
     return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
 
 
+@triton.jit
+def tl_activation(x, ACTIVATION: tl.constexpr):
+    """x (fp32) through an elementwise activation: ``"gelu"`` (erf), ``"gelu_tanh"``, ``"quick_gelu"``
+    (x sigmoid(1.702 x): OpenAI CLIP), ``"silu"`` (x sigmoid(x)); any other value (None) leaves x as is."""
+    if ACTIVATION == "gelu":
+        x = tl_gelu(x, False)
+    elif ACTIVATION == "gelu_tanh":
+        x = tl_gelu(x, True)
+    elif ACTIVATION == "quick_gelu":
+        x = x * tl.sigmoid(1.702 * x)
+    elif ACTIVATION == "silu":
+        x = x * tl.sigmoid(x)
+    return x
+
+
 # --- dropout RNG: Philox on (seed, row, column, stream); backward regenerates the same mask ------------------
 @triton.jit
 def tl_dropout_keep(seed, rows, cols, stream, p):
