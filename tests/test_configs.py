@@ -20,9 +20,11 @@ def test_kwargs_and_overrides():
 
 
 def test_bench_configs_keep_their_shape():
-    assert set(CONFIGS) == {"vit_s_16", "vit_b_16", "vit_l_16", "vit_h_14", "tiny"}
+    assert set(CONFIGS) == {"vit_s_16", "vit_b_16", "vit_l_16", "vit_h_14", "tiny", "clip_l_14", "siglip_b_16",
+                            "siglip_so400m_14", "dinov2_b_14_518", "eva02_b_14"}
     assert CONFIGS["vit_h_14"] == dict(as_dict("vit_h_14"), timm="vit_huge_patch14_224", patch=14, emb=1280,
-                                       depth=32, heads=16, img=224)
+                                       depth=32, heads=16, img=224, family="vit")
+    assert CONFIGS["dinov2_b_14_518"]["family"] == "dinov2" and CONFIGS["dinov2_b_14_518"]["img"] == 518
 
 
 def test_max_error_and_bound():
