@@ -198,6 +198,10 @@ def test_deepcopy_of_an_accelerated_model_is_accelerated_and_independent(pairs, 
         _, counts = run_counted(clone, images)
         assert not torch.equal(clone(images), model(images))
     assert_blocks_fused(counts)
+    restored = vit_kernels.restore(clone)  # the copy's record of what each instance held restores it too
+    with torch.no_grad():
+        got, counts = run_counted(restored, images)
+    assert counts == {} and not vit_kernels.is_accelerated(restored) and got.shape == (2, 5)
 
 
 def test_a_saved_whole_model_loads_back_accelerated(pairs, images, tmp_path):
@@ -213,6 +217,11 @@ def test_a_saved_whole_model_loads_back_accelerated(pairs, images, tmp_path):
         return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
 
     assert params(model.forward) == params(reference.forward)  # what Trainer-style introspection reads
+    vit_kernels.restore(loaded)
+    with torch.no_grad():
+        got, counts = run_counted(loaded, images)
+        torch.testing.assert_close(got, reference(images), **TOL)
+    assert counts == {}
 
 
 def test_forward_hooks_on_blocks_still_fire(pairs, images):
@@ -421,6 +430,20 @@ def test_hf_gradients_reach_query_key_value(pairs, images):
         assert f"vit.layers.0.attention.{proj}.weight" in ours
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_torchvision_classifier_replaced_after_patching_runs_as_the_users_module(images):
+    """A new multi-layer ``heads`` set after accelerate: the fused trunk and final LayerNorm, then the user's
+    own head module (the fused head kernel computes only torchvision's single Linear)."""
+    fast = vit_kernels.accelerate(torchvision_model())
+    heads = nn.Sequential(nn.Linear(48, 10), nn.ReLU(), nn.Linear(10, 3))
+    fast.heads = heads
+    reference = vit_kernels.restore(copy.deepcopy(fast))
+    with torch.no_grad():
+        got, counts = run_counted(fast, images)
+        torch.testing.assert_close(got, reference(images), **TOL)
+    assert got.shape == (2, 3)
+    assert_blocks_fused(counts)
 
 
 def test_torchvision_gradients_match(pairs, images):

@@ -14,7 +14,23 @@ from collections.abc import Callable
 from torch import nn
 
 _PATCHES = "_vit_kernels_patches"  # instance attribute: {method name: what the instance dict held before}
-_MISSING = object()
+
+
+class _Missing:
+    """'The instance dict held nothing under this name': one object that deepcopy and pickle keep the same, so
+    ``restore`` works on a copy of an accelerated model too."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_MISSING"  # pickled by reference to this module's global
+
+    def __repr__(self) -> str:
+        return "<vit_kernels: nothing in the instance dict>"
+
+
+_MISSING = _Missing()
 
 
 class FusedMethod:

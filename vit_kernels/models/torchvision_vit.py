@@ -66,8 +66,7 @@ def check_supported(model) -> None:
     heads = model.heads
     if hasattr(heads, "pre_logits"):
         _unsupported("representation_size (heads.pre_logits + Tanh before the classifier)")
-    if not isinstance(heads, nn.Sequential) or list(heads._modules) != ["head"] or \
-            not isinstance(heads.head, nn.Linear):
+    if not _single_linear_head(heads):
         _unsupported(f"heads other than a single Linear 'head' ({list(getattr(heads, '_modules', {}))})")
     _check_norm("encoder.ln", model.encoder.ln)
     for i, blk in enumerate(model.encoder.layers):
@@ -126,6 +125,11 @@ def _check_image(model, x: torch.Tensor) -> None:
                          f"its position embedding either")
 
 
+def _single_linear_head(heads) -> bool:
+    """torchvision's own classifier: ``heads`` = Sequential(head=Linear), which the fused head kernel computes."""
+    return isinstance(heads, nn.Sequential) and list(heads._modules) == ["head"] and isinstance(heads.head, nn.Linear)
+
+
 def forward(self, x: torch.Tensor) -> torch.Tensor:
     """torchvision's forward: one patch-embedding kernel, the (patched) blocks, then LayerNorm on the class
     token only fused with the head (LayerNorm then token 0 == token 0 then LayerNorm)."""
@@ -140,7 +144,8 @@ def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = ops.dropout(tokens, drop_rate(encoder.dropout, self.training))
     tokens = encoder.layers(tokens)
     norm = encoder.ln
-    if norm._forward_hooks or norm._forward_pre_hooks:  # the user watches the LayerNorm: run it as a module
+    if norm._forward_hooks or norm._forward_pre_hooks or not _single_linear_head(self.heads):
+        # the user watches the LayerNorm, or replaced the classifier since patching: run them as modules
         return self.heads(norm(tokens)[:, 0])
     return classification_head(tokens, norm, self.heads.head, "token")
 
