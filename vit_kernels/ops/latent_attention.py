@@ -34,12 +34,11 @@ import triton
 import triton.language as tl
 
 from ..validate import check_device, check_positive_int, check_sample_size, check_tensor, check_vector, resolve_scaling
+from .attention import LOG2E, MAX_HEAD_DIM, head_tile, scales  # the same scalings and head tile as attention
 from .dispatch import dispatch
 from .launch import Tuned, config, dot_precision, launch_grid, new_output, row_major
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 
-LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256  # one head's rows of q, k and v live in registers
 QUERY_TILE = 16  # queries per launch, padded to tl.dot's smallest tile; more latents: several launches
 
 
@@ -243,18 +242,6 @@ LATENT_ATTENTION_BACKWARD = Tuned(
     configs=[config(8, 2, BLOCK_N=16), config(4, 2, BLOCK_N=32), config(8, 2, BLOCK_N=64)],
     key=KEY, interpret_config=dict(BLOCK_N=16), keep=backward_fits, arg_types=LATENT_TYPES, aligned=ALIGNED,
 )
-
-
-def scales(scaling: str, E: int, D: int) -> tuple:
-    """(qk_scale in log2 units, out_scale), as ``ops.attention``'s."""
-    if scaling == "tutorial":
-        return LOG2E, 1.0 / math.sqrt(E)
-    return LOG2E / math.sqrt(D), 1.0
-
-
-def head_tile(head_dim: int) -> int:
-    """BLOCK_D: the head dim rounded up to a power of two, at least 16 (tl.dot's smallest operand)."""
-    return max(16, triton.next_power_of_2(head_dim))
 
 
 def query_chunks(latents: int) -> list:
