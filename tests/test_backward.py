@@ -129,7 +129,7 @@ def assert_model_grads_match(fast, ref, x, *args):
         if model is fast:
             launched = ops.launch_counts()
     if ops.backend_for(x) == "triton":  # forward and backward kernels ran
-        assert {"patch_embed", "layer_norm", "linear", "attention"} <= set(launched), launched
+        assert {"patch_embed", "layer_norm_linear", "linear", "attention"} <= set(launched), launched
     else:
         assert not launched
     ours, theirs = dict(fast.named_parameters()), dict(ref.named_parameters())

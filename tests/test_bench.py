@@ -29,7 +29,8 @@ def test_cpu_bench_writes_labelled_results(tmp_path, capsys):
     assert "headline not measured, CPU run: no GPU timings: gpu, clock_mhz" in out
     assert e2e["device"]["gpu"] is None and "not GPU performance" in e2e["device"]["note"]
     assert {r["candidate"] for r in e2e["rows"]} == {"ours (from_timm)", "timm eager (SDPA)", "reference eager",
-                                                     "timm eager (SDPA, cudnn.benchmark off)", "ours (tutorial ViT)"}
+                                                     "timm eager (SDPA, cudnn.benchmark off)", "ours (tutorial ViT)",
+                                                     "ours (from_timm, LayerNorm unfused)"}
     assert e2e["repeats"] == 1 and all(len(r["rounds"]) == 1 and r["ms_min"] == r["ms"] == r["ms_max"]
                                        for r in e2e["rows"])
     assert all(r["tflops"] is None and r["mfu"] is None and r["graph_ms"] is None for r in e2e["rows"])
@@ -55,7 +56,7 @@ def test_timm_baseline_is_not_the_accelerated_model():
         expected = timm_eager(x)
         assert ops.launch_counts() == {}  # timm's own forward: no kernel
         got = ours(x)
-        assert {"patch_embed", "layer_norm", "linear", "attention"} <= set(ops.launch_counts())
+        assert {"patch_embed", "layer_norm_linear", "linear", "attention"} <= set(ops.launch_counts())
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -190,8 +191,8 @@ def test_cpu_breakdown_attributes_interpreted_kernels_and_aten_ops(tmp_path, cap
     assert set(rows) == {"ours (from_timm)", "timm eager (SDPA)"}
     depth = CONFIGS["tiny"]["depth"]
     expected = {  # top kernel / op, launches per forward (4 GEMMs per block + the head)
+        # ours: the LayerNorms are folded into the qkv / fc1 GEMMs (the final one: in the pooling kernel)
         "ours (from_timm)": dict(gemm=("_linear_kernel", 4 * depth + 1), attention=("_attention_fwd_kernel", depth),
-                                 layer_norm=("_layer_norm_fwd_kernel", 2 * depth),  # the final one: in the pooling
                                  patch_embed=("_patch_embed_kernel", 1)),
         "timm eager (SDPA)": dict(gemm=("aten::linear", 4 * depth + 1),
                                   attention=("aten::scaled_dot_product_attention", depth),
@@ -210,6 +211,7 @@ def test_cpu_breakdown_attributes_interpreted_kernels_and_aten_ops(tmp_path, cap
         assert all(c["tflops"] is None and c["gbps"] is None and c["frac_of_peak"] is None
                    for c in r["categories"].values())
     assert "_pool_norm_kernel" in {k["name"] for k in rows["ours (from_timm)"]["categories"]["other"]["top"]}
+    assert rows["ours (from_timm)"]["categories"]["layer_norm"]["launches"] == 0
     # ours in the interpreter: the launches are nearly all of the forward (the rest: Python between them)
     assert rows["ours (from_timm)"]["categories"]["gemm"]["ms"] > rows["ours (from_timm)"]["categories"]["other"]["ms"]
 
@@ -317,12 +319,20 @@ def test_rounds_summary_flags_a_spread_across_one():
 def test_family_sizes_compare_with_timm_only():
     """CLIP / SigLIP / DINOv2 / EVA-02 sizes are the timm models of their names, benchmarked against timm (no
     tutorial twin), with a FLOP count read off the model."""
-    from vit_kernels.bench.models import OURS, TIMM, TIMM_NO_CUDNN_BENCHMARK, build_candidates, gflop_per_image
+    from vit_kernels.bench.models import (
+        OURS,
+        OURS_UNFUSED_NORM,
+        TIMM,
+        TIMM_NO_CUDNN_BENCHMARK,
+        build_candidates,
+        gflop_per_image,
+    )
     from vit_kernels.cli import bench_models
 
     assert {"clip_l_14", "siglip_b_16", "siglip_so400m_14", "dinov2_b_14_518", "eva02_b_14"} <= set(bench_models())
     candidates = build_candidates("siglip_b_16", torch.float32, "meta")
-    assert set(candidates) == {TIMM, TIMM_NO_CUDNN_BENCHMARK, OURS}
+    assert set(candidates) == {TIMM, TIMM_NO_CUDNN_BENCHMARK, OURS, OURS_UNFUSED_NORM}
+    assert candidates[OURS_UNFUSED_NORM].model.model is candidates[OURS].model
     assert candidates[TIMM].model.attn_pool is not None and vit_kernels.is_accelerated(candidates[OURS].model)
     assert 150 < gflop_per_image("clip_l_14") < 175 and 290 < gflop_per_image("dinov2_b_14_518") < 320
 

@@ -26,5 +26,17 @@ def test_no_compile_error_spill_or_shared_memory_overflow(results):
 
 
 def test_resources_were_read(results):
-    assert all(r["registers"] and r["registers"] <= 255 for r in results)
-    assert all(r["shared"] is not None for r in results)
+    compiled = [r for r in results if not r.get("skipped")]
+    assert all(r["registers"] and r["registers"] <= 255 for r in compiled)
+    assert all(r["shared"] is not None for r in compiled)
+
+
+def test_arch_rules_skip_a_config_only_where_its_launcher_never_uses_it(results):
+    """A config is skipped on an arch only by its launcher's arch_keep rule, and every case compiles somewhere."""
+    by_case = {}
+    for r in results:
+        by_case.setdefault(r["case"], []).append(r)
+    assert all(any(not r.get("skipped") for r in rs) for rs in by_case.values())
+    for index, case in enumerate(compile_check.cases()):
+        label, used_on = case[0], case[6]
+        assert {r["arch"] for r in by_case[label] if not r.get("skipped")} == {f"sm_{a}" for a in used_on}, index

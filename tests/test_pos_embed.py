@@ -173,7 +173,7 @@ def timm_model(**kw):
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, **dict(TIMM_TINY, **kw)).eval()
 
 
-FUSED_KERNELS = {"patch_embed", "layer_norm", "linear", "attention"}
+FUSED_KERNELS = {"patch_embed", "layer_norm_linear", "linear", "attention"}
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(reg_tokens=2, no_embed_class=True),

@@ -4,6 +4,7 @@
     from vit_kernels import accelerate          # any supported ViT (tutorial, timm, torchvision, HF), in place
     from vit_kernels import from_timm           # accelerate() for a timm VisionTransformer (+ dynamic_img_size)
     from vit_kernels import restore             # undo accelerate(): the model's own methods back
+    from vit_kernels import layer_norm_folding  # with layer_norm_folding(False): LayerNorm and GEMM unfused
     from vit_kernels import create_model        # a standard timm ViT by name (+ local checkpoint), fused
     from vit_kernels import attention_maps      # a forward plus every layer's attention probabilities
     from vit_kernels import reference, ops      # the pure-PyTorch oracle; the individual fused ops
@@ -16,7 +17,8 @@ import importlib
 
 from ._version import __version__
 
-_MODELS = ("ViT", "accelerate", "attention_maps", "create_model", "from_timm", "is_accelerated", "restore")
+_MODELS = ("ViT", "accelerate", "attention_maps", "create_model", "from_timm", "is_accelerated", "layer_norm_folding",
+           "restore")
 _LAZY = {**dict.fromkeys(_MODELS, "vit_kernels.models"), "ops": "vit_kernels.ops", "reference": "vit_kernels.reference"}
 
 __all__ = ["__version__", *sorted(_LAZY)]

@@ -20,14 +20,14 @@ DTYPES = ("fp16", "bf16")
 
 
 def _cases():
-    """(label, jit kernel, constexprs, num_warps, num_stages, launcher) for every registered op's kernels,
-    variants and configs (``OpSpec.kernels``)."""
+    """(label, jit kernel, constexprs, num_warps, num_stages, launcher, archs that use it) for every
+    registered op's kernels, variants and configs (``OpSpec.kernels``)."""
     from vit_kernels.ops.registry import registered_ops
 
     for spec in registered_ops():
         for grid in spec.kernels:
-            for label, constexprs, warps, stages in grid.launcher.compile_cases(grid.variants):
-                yield label, grid.launcher.kernel, constexprs, warps, stages, grid.launcher
+            for label, constexprs, warps, stages, used_on in grid.launcher.compile_cases(grid.variants, tuple(ARCHS)):
+                yield label, grid.launcher.kernel, constexprs, warps, stages, grid.launcher, used_on
 
 
 def _signature(launcher, constexprs, dtype):
@@ -78,12 +78,15 @@ def cases() -> list:
 def check_case(job) -> dict:
     """job = (index into cases(), dtype, arch): indices, since jit kernels do not pickle."""
     index, dtype, arch = job
-    label, kernel, constexprs, warps, stages, launcher = cases()[index]
+    label, kernel, constexprs, warps, stages, launcher, used_on = cases()[index]
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     result = dict(case=label, dtype=dtype, arch=f"sm_{arch}", num_warps=warps, num_stages=stages)
+    if arch not in used_on:  # the launcher never picks this config on this arch (its arch_keep rule)
+        result.update(ok=True, skipped=True, error=None)
+        return result
     try:
         sig, attrs = _signature(launcher, constexprs, dtype)
         compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs),
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
         print(json.dumps(results))
     else:
         for r in results:
-            status = "ok  " if r["ok"] else "FAIL"
+            status = "skip" if r.get("skipped") else "ok  " if r["ok"] else "FAIL"
             print(f"{status} {r['arch']} {r['dtype']} warps={r['num_warps']} stages={r['num_stages']} "
                   f"regs={r.get('registers')} smem={r.get('shared')} {r['case']} {r['error'] or ''}")
     return 0 if all(r["ok"] for r in results) else 1

@@ -47,6 +47,12 @@ def check_probability(name: str, p: float) -> None:
         raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
 
 
+def check_eps(eps) -> None:
+    """A normalization's epsilon: a positive number."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+
 def check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -54,8 +54,23 @@ def timm_model(name: str, device=None):
 
 
 TIMM, TIMM_NO_CUDNN_BENCHMARK, OURS = "timm eager (SDPA)", "timm eager (SDPA, cudnn.benchmark off)", "ours (from_timm)"
+OURS_UNFUSED_NORM = "ours (from_timm, LayerNorm unfused)"
 GRAPH_MAX_BATCH = 64  # eager candidates are also timed as a CUDA-graph replay up to this batch
 REDUCE_OVERHEAD_MAX_BATCH = 64  # torch.compile(mode="reduce-overhead"): the serving baseline, small batches
+
+
+class UnfusedLayerNorm(torch.nn.Module):
+    """A fused model run with ``layer_norm_folding(False)``: the 7-launch block, to measure the fold against."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        import vit_kernels
+
+        with vit_kernels.layer_norm_folding(False):
+            return self.model(x)
 
 
 @dataclasses.dataclass
@@ -76,9 +91,10 @@ class Candidate:
 
 def build_candidates(name: str, dtype: torch.dtype, device, compile_modes=()) -> dict:
     """{name: Candidate}, all with one set of random weights: timm eager with cudnn.benchmark on (and a labelled
-    row with it off), ours (``from_timm``) eager, the reference and the tutorial-flavour ``vit_kernels.ViT``; with
-    ``compile_modes`` also timm under ``torch.compile`` in each mode (``"reduce-overhead"``: CUDA graphs, batch <=
-    64 only) and ours under ``torch.compile`` (default mode).
+    row with it off), ours (``from_timm``) eager, and with its LayerNorms unfused (``layer_norm_folding``), the
+    reference and the tutorial-flavour ``vit_kernels.ViT``; with ``compile_modes`` also timm under
+    ``torch.compile`` in each mode (``"reduce-overhead"``: CUDA graphs, batch <= 64 only) and ours under
+    ``torch.compile`` (default mode).
 
     ``vit_kernels.from_timm`` patches the model it is given in place, so the accelerated candidate is a deep copy
     of the timm model: the timm baselines (eager and compiled) keep timm's own forward."""
@@ -92,6 +108,7 @@ def build_candidates(name: str, dtype: torch.dtype, device, compile_modes=()) ->
         TIMM: Candidate(timm_eager),
         TIMM_NO_CUDNN_BENCHMARK: Candidate(timm_eager, TIMM, cudnn_benchmark=False),
         OURS: Candidate(ours_timm, TIMM),
+        OURS_UNFUSED_NORM: Candidate(UnfusedLayerNorm(ours_timm), TIMM),
     }
     if CONFIGS[name]["family"] == "vit":  # the tutorial flavour exists for the original ViT only
         ref = tutorial_model(reference.ViT, name).to(device, dtype).eval()

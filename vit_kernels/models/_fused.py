@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops import guard
 from .patching import patch
 
 AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
@@ -187,11 +188,74 @@ def self_attention(qkv, num_heads, scaling, mask=None, dropout=0.0, attn_args=No
     return ops.attention(qkv, num_heads, layout="qkv h d", scaling=scaling, mask=mask, dropout=dropout, **attn_args)
 
 
+_fold_layer_norm = True
+
+
+@contextlib.contextmanager
+def layer_norm_folding(enabled: bool):
+    """Inside the block, the fused models apply each LayerNorm inside the GEMM after it (``enabled=True``, the
+    default: ``ops.layer_norm_linear``, one launch, its statistics from the GEMM that produced x) or run
+    ``ops.layer_norm`` then ``ops.linear`` (two launches, a normalized copy of x written and read): the
+    unfused path, kept for comparison."""
+    global _fold_layer_norm
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    previous, _fold_layer_norm = _fold_layer_norm, enabled
+    try:
+        yield
+    finally:
+        _fold_layer_norm = previous
+
+
+def folds_layer_norm(norm) -> bool:
+    """True when ``norm_linear`` will apply this norm inside its GEMM (so its input's producer should hand
+    over statistics: ``residual_linear``)."""
+    return _fold_layer_norm and not is_identity(norm)
+
+
+def residual_linear(h, weight, bias, cast, next_norm, **linear_kwargs):
+    """``ops.linear`` writing the residual stream, returning ``(x, stats)``: x's LayerNorm statistics when the
+    next norm is applied inside the next GEMM (``norm_linear(..., stats=stats)``), else None."""
+    if folds_layer_norm(next_norm):
+        return ops.linear(h, cast(weight), cast(bias), norm_stats=True, **linear_kwargs)
+    return ops.linear(h, cast(weight), cast(bias), **linear_kwargs), None
+
+
+def norm_linear(x, norm, weight, bias, cast, *, stats=None, **linear_kwargs):
+    """``ops.linear(norm(x), weight, bias, ...)`` for an nn.LayerNorm ``norm`` (or none: nn.Identity / None):
+    one launch with the norm applied inside the GEMM (``layer_norm_folding``), else two. ``weight``/``bias``:
+    tensors or row-block tuples, uncast (``cast`` makes them the compute dtype of x); ``stats``: x's
+    statistics from ``residual_linear``, or None (the GEMM gathers them)."""
+    dropout = linear_kwargs.pop("dropout", 0.0)
+
+    def unfused(p):
+        h = x if is_identity(norm) else ops.layer_norm(x, cast(norm.weight), cast(norm.bias), norm.eps)
+        return ops.linear(h, cast(weight), cast(bias), dropout=p, **linear_kwargs)
+
+    if not folds_layer_norm(norm):
+        return unfused(dropout)
+
+    def fused(p):
+        return ops.layer_norm_linear(x, cast(norm.weight), cast(norm.bias), cast(weight), cast(bias), eps=norm.eps,
+                                     stats=stats, dropout=p, **linear_kwargs)
+
+    # until the GPU suite has passed on a real card, its first run per shape is checked against the unfused ops
+    key = (tuple(x.shape[1:]), x.dtype, tuple(t.shape[0] for t in _blocks(weight)), stats is not None,
+           tuple(sorted((k, v if isinstance(v, (str, int, float)) or v is None else "tensor")
+                        for k, v in linear_kwargs.items())))
+    return guard.choose("layer_norm_linear", key, x, fused, unfused, dropout)
+
+
+def _blocks(weight) -> tuple:
+    return tuple(weight) if isinstance(weight, (tuple, list)) else (weight,)
+
+
 def encoder_block(x, norm1, qkv, proj, norm2, fc1, fc2, cast, *, num_heads, qkv_interleaved, scaling, mask=None,
                   activation="gelu", gamma1=None, gamma2=None, attn_drop=0.0, proj_drop=0.0, hidden_drop=0.0,
                   out_drop=0.0, drop_path1=None, drop_path2=None, attn_args=None):
-    """One pre-norm block, seven launches: LN1, qkv GEMM, attention, proj GEMM (+residual), LN2,
-    fc1 GEMM (+GELU), fc2 GEMM (+residual). x: [B, N, E] in the compute dtype.
+    """One pre-norm block, five launches: LN1 inside the qkv GEMM, attention, proj GEMM (+residual, + the
+    stream's LayerNorm statistics), LN2 inside fc1 (+GELU), fc2 GEMM (+residual); seven with
+    ``layer_norm_folding(False)``. x: [B, N, E] in the compute dtype.
 
     qkv_interleaved: the qkv weight rows are in the tutorial's (h d qkv) order; the GEMM then writes them
     in (qkv h d) order, so attention always reads contiguous head dims.
@@ -200,12 +264,10 @@ def encoder_block(x, norm1, qkv, proj, norm2, fc1, fc2, cast, *, num_heads, qkv_
     drop_path1/2: stochastic depth, fp32 per-sample factors [B] on the attention / MLP branch (see
     ``drop_path_factors``), applied in the proj / fc2 epilogues before the residual add.
     attn_args: more keywords of ``ops.attention`` (qk-norm: ``qk_norm_args``; rotary tables)."""
-    h = ops.layer_norm(x, cast(norm1.weight), cast(norm1.bias), norm1.eps)
-    h = ops.linear(h, cast(qkv.weight), cast(qkv.bias), deinterleave=3 if qkv_interleaved else 1)
+    h = norm_linear(x, norm1, qkv.weight, qkv.bias, cast, deinterleave=3 if qkv_interleaved else 1)
     h = self_attention(h, num_heads, scaling, mask, attn_drop, attn_args)
-    x = ops.linear(h, cast(proj.weight), cast(proj.bias), scale=cast(gamma1), residual=x, dropout=proj_drop,
-                   branch_scale=drop_path1)
-    h = ops.layer_norm(x, cast(norm2.weight), cast(norm2.bias), norm2.eps)
-    h = ops.linear(h, cast(fc1.weight), cast(fc1.bias), activation=activation, dropout=hidden_drop)
+    x, stats = residual_linear(h, proj.weight, proj.bias, cast, norm2, scale=cast(gamma1), residual=x,
+                               dropout=proj_drop, branch_scale=drop_path1)
+    h = norm_linear(x, norm2, fc1.weight, fc1.bias, cast, stats=stats, activation=activation, dropout=hidden_drop)
     return ops.linear(h, cast(fc2.weight), cast(fc2.bias), scale=cast(gamma2), residual=x, dropout=out_drop,
                       branch_scale=drop_path2)

@@ -24,7 +24,9 @@ from ._fused import (
     check_layer_norm,
     compute_dtype,
     explicit_dtypes,
+    norm_linear,
     patch_layer_norm,
+    residual_linear,
 )
 from ._hf import (
     activation,
@@ -100,10 +102,9 @@ def head_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         q = ops.linear(cast(self.probe.view(1, E)), rows(w, 0), rows(b, 0)).view(1, 1, E)
         kv = ops.linear(cast(hidden_state), (rows(w, 1), rows(w, 2)), None if b is None else (rows(b, 1), rows(b, 2)))
         h = ops.latent_attention(q.expand(B, 1, E), kv, attn.num_heads, scaling="paper")
-        h = ops.linear(h, cast(attn.out_proj.weight), cast(attn.out_proj.bias))
-        y = ops.layer_norm(h, cast(norm.weight), cast(norm.bias), norm.eps)
-        y = ops.linear(y, cast(mlp.fc1.weight), cast(mlp.fc1.bias), activation=activation(FAMILY,
-                                                                                          mlp.config.hidden_act))
+        h, stats = residual_linear(h, attn.out_proj.weight, attn.out_proj.bias, cast, norm)
+        y = norm_linear(h, norm, mlp.fc1.weight, mlp.fc1.bias, cast, stats=stats,
+                        activation=activation(FAMILY, mlp.config.hidden_act))
         return ops.linear(y, cast(mlp.fc2.weight), cast(mlp.fc2.bias), residual=h)[:, 0]
 
 

@@ -31,9 +31,11 @@ from ._fused import (
     drop_rate,
     explicit_dtypes,
     is_identity,
+    norm_linear,
     patch_layer_norm,
     qk_norm_args,
     qk_norm_kind,
+    residual_linear,
     self_attention,
 )
 from .patching import patch
@@ -193,34 +195,32 @@ def _bool_mask(attn_mask, is_causal: bool, tokens: int, device):
     return attn_mask
 
 
-def mlp_residual(mlp, h, x, cast, training: bool, gamma=None, drop_path=None):
-    """``x + drop_path(gamma * mlp(h))`` for a ``check_mlp``-checked timm MLP: the first GEMM with its activation
-    (SwiGLU: gate and value in one GEMM), the optional inner LayerNorm, then fc2 with dropout, layer scale,
-    stochastic depth and the residual in its epilogue."""
+def mlp_residual(mlp, norm, x, cast, training: bool, gamma=None, drop_path=None, stats=None):
+    """``x + drop_path(gamma * mlp(norm(x)))`` for a ``check_mlp``-checked timm MLP (``norm``: a LayerNorm or
+    Identity): the first GEMM with the norm folded in and its activation (SwiGLU: gate and value in one GEMM),
+    then fc2 (the optional inner LayerNorm folded in) with dropout, layer scale, stochastic depth and the
+    residual in its epilogue. ``stats``: x's LayerNorm statistics from the GEMM that wrote it, or None."""
     from timm.layers import Mlp, SwiGLU
 
     drop1 = drop_rate(mlp.drop1, training)
     if isinstance(mlp, SwiGLU):
-        h = ops.linear(h, (cast(mlp.fc1_g.weight), cast(mlp.fc1_x.weight)), _pair(mlp.fc1_g.bias, mlp.fc1_x.bias, cast),
-                       activation="swiglu", dropout=drop1)
+        h = norm_linear(x, norm, (mlp.fc1_g.weight, mlp.fc1_x.weight), _pair(mlp.fc1_g.bias, mlp.fc1_x.bias), cast,
+                        stats=stats, activation="swiglu", dropout=drop1)
     elif isinstance(mlp, Mlp):
-        h = ops.linear(h, cast(mlp.fc1.weight), cast(mlp.fc1.bias), activation=activation_mode("mlp", mlp.act),
-                       dropout=drop1)
+        h = norm_linear(x, norm, mlp.fc1.weight, mlp.fc1.bias, cast, stats=stats,
+                        activation=activation_mode("mlp", mlp.act), dropout=drop1)
     else:  # GluMlp: fc1's output rows are [gate; value] (or [value; gate] with gate_last)
         halves = [w.chunk(2) for w in (mlp.fc1.weight, mlp.fc1.bias) if w is not None]
         weight, bias = halves[0], (halves[1] if len(halves) > 1 else None)
         order = slice(None, None, -1 if mlp.gate_last else 1)
-        h = ops.linear(h, tuple(cast(w) for w in weight[order]),
-                       None if bias is None else tuple(cast(b) for b in bias[order]), activation="swiglu",
-                       dropout=drop1)
-    if not is_identity(mlp.norm):
-        h = ops.layer_norm(h, cast(mlp.norm.weight), cast(mlp.norm.bias), mlp.norm.eps)
-    return ops.linear(h, cast(mlp.fc2.weight), cast(mlp.fc2.bias), scale=cast(gamma), residual=x,
-                      dropout=drop_rate(mlp.drop2, training), branch_scale=drop_path)
+        h = norm_linear(x, norm, tuple(weight[order]), None if bias is None else tuple(bias[order]), cast,
+                        stats=stats, activation="swiglu", dropout=drop1)
+    return norm_linear(h, mlp.norm, mlp.fc2.weight, mlp.fc2.bias, cast, scale=cast(gamma), residual=x,
+                       dropout=drop_rate(mlp.drop2, training), branch_scale=drop_path)
 
 
-def _pair(a, b, cast):
-    return None if a is None and b is None else (cast(a), cast(b))
+def _pair(a, b):
+    return None if a is None and b is None else (a, b)
 
 
 def fused_block(self, x, qkv_weight, qkv_bias, gamma1, gamma2, attn_mask=None, is_causal=False, rope_args=None):
@@ -236,18 +236,18 @@ def fused_block(self, x, qkv_weight, qkv_bias, gamma1, gamma2, attn_mask=None, i
     training, cast, batch = self.training, caster(dtype), x.shape[0]
     with explicit_dtypes(x):
         x = cast(x)
-        h = ops.layer_norm(x, cast(self.norm1.weight), cast(self.norm1.bias), self.norm1.eps)
-        h = ops.linear(h, cast(qkv_weight), cast(qkv_bias))
+        h = norm_linear(x, self.norm1, qkv_weight, qkv_bias, cast)
         h = self_attention(h, attn.num_heads, "paper", mask, drop_rate(attn.attn_drop, training),
                            dict(qk_norm_args(attn.q_norm, attn.k_norm, cast, dtype), **(rope_args or {})))
-        if not is_identity(getattr(attn, "norm", None)):
-            h = ops.layer_norm(h, cast(attn.norm.weight), cast(attn.norm.bias), attn.norm.eps)
-        x = ops.linear(h, cast(attn.proj.weight), cast(attn.proj.bias), scale=cast(gamma1), residual=x,
-                       dropout=drop_rate(attn.proj_drop, training),
-                       branch_scale=drop_path_factors(self.drop_path1, batch, training, x.device))
-        h = ops.layer_norm(x, cast(self.norm2.weight), cast(self.norm2.bias), self.norm2.eps)
-        x = mlp_residual(self.mlp, h, x, cast, training, gamma2,
-                         drop_path_factors(self.drop_path2, batch, training, x.device))
+        inner = getattr(attn, "norm", None)
+        proj_args = dict(scale=cast(gamma1), residual=x, dropout=drop_rate(attn.proj_drop, training),
+                         branch_scale=drop_path_factors(self.drop_path1, batch, training, x.device))
+        if is_identity(inner):  # proj also hands norm2 its statistics
+            x, stats = residual_linear(h, attn.proj.weight, attn.proj.bias, cast, self.norm2, **proj_args)
+        else:
+            x, stats = norm_linear(h, inner, attn.proj.weight, attn.proj.bias, cast, **proj_args), None
+        x = mlp_residual(self.mlp, self.norm2, x, cast, training, gamma2,
+                         drop_path_factors(self.drop_path2, batch, training, x.device), stats)
     return x.to(out_dtype)
 
 
@@ -371,9 +371,7 @@ def attn_pool_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = No
         if not is_identity(self.proj):
             x = ops.linear(x, cast(self.proj.weight), cast(self.proj.bias), dropout=drop_rate(self.proj_drop, training))
         if self.mlp is not None:
-            norm = self.norm
-            h = x if is_identity(norm) else ops.layer_norm(x, cast(norm.weight), cast(norm.bias), norm.eps)
-            x = mlp_residual(self.mlp, h, x, cast, training)
+            x = mlp_residual(self.mlp, self.norm, x, cast, training)
     return x[:, 0] if self.pool == "token" else x.mean(1)
 
 

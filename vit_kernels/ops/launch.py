@@ -8,6 +8,7 @@ compile check walks (``compile_cases``), and the kernel's argument types that ch
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 
@@ -52,6 +53,21 @@ def row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@functools.cache
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def device_arch(named_args: dict) -> int | None:
+    """The compute capability (e.g. 90) of the GPU holding a launch's first CUDA tensor argument; None
+    without one (the configs are then not filtered by arch)."""
+    for value in named_args.values():
+        if isinstance(value, torch.Tensor) and value.is_cuda:
+            return _capability(value.device.index if value.device.index is not None else torch.cuda.current_device())
+    return None
+
+
 class Kernel:
     """A jit kernel, the name its launches are counted under, and its argument types for the compile check.
 
@@ -69,17 +85,21 @@ class Kernel:
         self.aligned = frozenset(aligned)
         self.quiet_fp = tuple(quiet_fp)
 
-    def configs_for(self, variant: dict) -> list:
+    def configs_for(self, variant: dict, arch: int | None = None) -> list:
+        """The configs a launch of ``variant`` may use on a GPU of compute capability ``arch`` (e.g. 80, 90;
+        None: on any)."""
         raise NotImplementedError
 
-    def compile_cases(self, variants) -> list:
-        """(label, constexprs, num_warps, num_stages) for every variant x config."""
+    def compile_cases(self, variants, archs=(80, 90)) -> list:
+        """(label, constexprs, num_warps, num_stages, the archs among ``archs`` that use it) for every variant
+        x config."""
         cases = []
         for variant in variants:
             for cfg in self.configs_for(variant):
                 constexprs = {**{k: v for k, v in variant.items() if k in self.constexpr_names}, **cfg.kwargs}
                 label = f"{self.name}[{' '.join(f'{k}={v}' for k, v in {**cfg.kwargs, **variant}.items())}]"
-                cases.append((label, constexprs, cfg.num_warps, cfg.num_stages))
+                used_on = tuple(a for a in archs if any(c is cfg for c in self.configs_for(variant, arch=a)))
+                cases.append((label, constexprs, cfg.num_warps, cfg.num_stages, used_on))
         return cases
 
     @property
@@ -112,9 +132,12 @@ class Sized(Kernel):
         super().__init__(name, kernel, **kwargs)
         self.choose = choose
         self.size_keys = tuple(size_keys)
+        self.chosen = {}  # sizes -> config: one object per size, so compile_cases can tell configs apart
 
-    def configs_for(self, variant: dict) -> list:
-        return [self.choose(**{k: variant[k] for k in self.size_keys})]
+    def configs_for(self, variant: dict, arch: int | None = None) -> list:
+        config = self.chosen.setdefault(tuple(variant[k] for k in self.size_keys),
+                                        self.choose(**{k: variant[k] for k in self.size_keys}))
+        return [config]
 
 
 class Tuned(Kernel):
@@ -122,20 +145,25 @@ class Tuned(Kernel):
 
     On a GPU, launches go through ``triton.autotune`` keyed on the shape arguments; in the interpreter
     (which cannot time anything) the fixed ``interpret_config`` is used. ``keep(meta, flags)`` drops configs
-    that a variant cannot use (e.g. tiles that would spill registers with a heavy epilogue); the sm_80/sm_90
-    compile check walks exactly ``configs_for(flags)``.
+    that a variant cannot use (e.g. tiles that would spill registers with a heavy epilogue), and
+    ``arch_keep(meta, flags, arch)`` those it cannot use on one GPU generation (compute capability ``arch``:
+    80, 90; e.g. a tile that fits Hopper's registers but spills on Ampere); the sm_80/sm_90 compile check
+    walks exactly ``configs_for(flags, arch=...)`` per arch.
     """
 
-    def __init__(self, name, kernel, configs, key, interpret_config: dict, keep=None, **kwargs):
+    def __init__(self, name, kernel, configs, key, interpret_config: dict, keep=None, arch_keep=None, **kwargs):
         super().__init__(name, kernel, **kwargs)
         self.configs = configs
         self.interpret_config = interpret_config
         self.keep = keep or (lambda meta, flags: True)
+        self.arch_keep = arch_keep or (lambda meta, flags, arch: True)
         self.tuned = triton.autotune(configs=configs, key=key, prune_configs_by={
-            "early_config_prune": lambda configs, named_args, **flags: self.configs_for(flags, configs)})(kernel)
+            "early_config_prune": lambda configs, named_args, **flags: self.configs_for(
+                flags, configs, arch=device_arch(named_args))})(kernel)
 
-    def configs_for(self, flags: dict, configs=None) -> list:
-        return [c for c in (configs or self.configs) if self.keep(c.kwargs, flags)]
+    def configs_for(self, flags: dict, configs=None, arch: int | None = None) -> list:
+        return [c for c in (configs or self.configs)
+                if self.keep(c.kwargs, flags) and (arch is None or self.arch_keep(c.kwargs, flags, arch))]
 
     def launch(self, grid, *args, config: triton.Config | None = None, **kwargs) -> None:
         """``config`` pins one config instead of autotuning, on a GPU and in the interpreter alike."""

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..validate import check_tensor, check_vector
+from ..validate import check_eps, check_tensor, check_vector
 from .dispatch import dispatch
 from .launch import Sized, config, launch_grid, new_output, row_major
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
@@ -174,8 +174,7 @@ def check_layer_norm(x, weight, bias, eps):
         raise ValueError(f"LayerNorm width {x.shape[-1]} exceeds the kernel's maximum {MAX_WIDTH}")
     check_vector("weight", weight, x.shape[-1], x.dtype, x.device)
     check_vector("bias", bias, x.shape[-1], x.dtype, x.device)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    check_eps(eps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

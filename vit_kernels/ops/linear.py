@@ -23,13 +23,16 @@ import triton
 import triton.language as tl
 
 from ..validate import check_device, check_probability, check_tensor, check_vector
-from .dispatch import dispatch
+from .dispatch import INTERPRET, dispatch
 from .dropout import dropout_args, dropout_op, new_seed
 from .launch import Tuned, config, dot_precision, launch_grid, new_output, row_major
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 from .tl_helpers import tl_activation, tl_apply_dropout
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "quick_gelu", "silu", "swiglu")
+# LayerNorm statistics travel between GEMMs per STATS_CHUNK-column chunk of a row (a divisor of every
+# epilogue tile's width: 64 on a GPU, the interpreter's 16-column split halves there)
+STATS_CHUNK = 16 if INTERPRET else 64
 MAX_WEIGHT_BLOCKS = 3
 
 
@@ -62,7 +65,7 @@ def tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split
               res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample,
               HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
               HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr,
-              WEIGHT_BLOCKS: tl.constexpr):
+              WEIGHT_BLOCKS: tl.constexpr, stats_out_ptr, STATS_OUT: tl.constexpr, STATS_CHUNK: tl.constexpr):
     n_mask = offs_n < N
     if HAS_BIAS and ACTIVATION != "swiglu":  # swiglu: both blocks' biases went in before the gated product
         bias_ptrs = tl_block_ptrs(tl_weight_row(offs_n % N, N, DEINTERLEAVE), 0, split1, split2, bias_ptr, bias2_ptr,
@@ -79,18 +82,98 @@ def tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split
     mask = (offs_m[:, None] < M) & n_mask[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows * stride_om + offs_n[None, :], out, mask=mask)
+    if STATS_OUT:  # LayerNorm statistics of what was stored, for the GEMM that normalizes it next
+        tl_store_chunk_stats(out.to(tl.float32), offs_m, offs_n, M, N, stats_out_ptr, STATS_CHUNK)
+
+
+@triton.jit
+def tl_merge(mean, m2, seen, chunk_mean, chunk_m2, count):
+    """Chan's merge of a chunk of ``count`` values (its mean and sum of squared deviations) into running
+    per-row statistics over ``seen`` values: exact, with no large sum of squares to cancel."""
+    total = seen + count
+    delta = chunk_mean - mean
+    return mean + delta * (count / total), m2 + chunk_m2 + delta * delta * (seen * count / total)
+
+
+@triton.jit
+def tl_store_chunk_stats(y, offs_m, offs_n, M, N, stats_ptr, STATS_CHUNK: tl.constexpr):
+    """Per row, the mean and sum of squared deviations of each STATS_CHUNK-column chunk of the tile y
+    [R, C] (fp32; C a multiple of the chunk; columns from N on excluded) into stats [M, cdiv(N, chunk), 2]."""
+    R: tl.constexpr = y.shape[0]
+    C: tl.constexpr = y.shape[1]
+    CHUNKS: tl.constexpr = C // STATS_CHUNK
+    tl.static_assert(C % STATS_CHUNK == 0, "an epilogue tile must hold whole statistics chunks")
+    valid = tl.reshape(offs_n < N, (CHUNKS, STATS_CHUNK))
+    y = tl.where(valid[None, :, :], tl.reshape(y, (R, CHUNKS, STATS_CHUNK)), 0.0)
+    count = tl.maximum(tl.sum(valid.to(tl.float32), axis=1), 1.0)
+    mean = tl.sum(y, axis=2) / count[None, :]
+    dev = tl.where(valid[None, :, :], y - mean[:, :, None], 0.0)
+    m2 = tl.sum(dev * dev, axis=2)
+    chunk = tl.min(offs_n, axis=0) // STATS_CHUNK + tl.arange(0, CHUNKS)
+    ptrs = stats_ptr + offs_m.to(tl.int64)[:, None] * (2 * tl.cdiv(N, STATS_CHUNK)) + 2 * chunk[None, :]
+    ok = (offs_m[:, None] < M) & (chunk[None, :] * STATS_CHUNK < N)
+    tl.store(ptrs, mean, mask=ok)
+    tl.store(ptrs + 1, m2, mask=ok)
+
+
+@triton.jit
+def tl_input_row_stats(a_ptr, stats_ptr, safe_m, stride_am, K, NORM_STATS: tl.constexpr, STATS_CHUNK: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(mean, sum of squared deviations) of each of this tile's rows of x over all K features: merged from the
+    chunk statistics its producer wrote (NORM_STATS="partials", a few floats per row), or by reading the rows
+    once before the main loop ("prepass")."""
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if NORM_STATS == "partials":
+        chunks = tl.cdiv(K, STATS_CHUNK)
+        row_ptrs = stats_ptr + safe_m * (2 * chunks)
+        for t in range(chunks):
+            count = tl.minimum(K - t * STATS_CHUNK, STATS_CHUNK) * 1.0  # "* 1.0": a Python int in the interpreter
+            chunk_mean, chunk_m2 = tl.load(row_ptrs + 2 * t), tl.load(row_ptrs + 2 * t + 1)
+            mean, m2 = tl_merge(mean, m2, t * STATS_CHUNK * 1.0, chunk_mean, chunk_m2, count)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        for k in range(tl.cdiv(K, BLOCK_K)):
+            k_left = K - k * BLOCK_K
+            valid = offs_k[None, :] < k_left
+            a = tl.load(a_ptr + safe_m[:, None] * stride_am + k * BLOCK_K + offs_k[None, :], mask=valid, other=0.0)
+            count = tl.minimum(k_left, BLOCK_K) * 1.0
+            tile_mean = tl.sum(a.to(tl.float32), axis=1) / count
+            dev = tl.where(valid, a.to(tl.float32) - tile_mean[:, None], 0.0)
+            mean, m2 = tl_merge(mean, m2, k * BLOCK_K * 1.0, tile_mean, tl.sum(dev * dev, axis=1), count)
+    return mean, m2
+
+
+@triton.jit
+def tl_normalize_tile(a, mean, rstd, norm_w_ptr, norm_b_ptr, k_offs, k_valid, NORM_WEIGHT: tl.constexpr,
+                      NORM_BIAS: tl.constexpr):
+    """The LayerNorm of an x tile [BLOCK_M, BLOCK_K] in fp32, rounded back to x's dtype as ops.layer_norm
+    stores it (so the GEMM sees the unfused path's operand); padding columns stay 0."""
+    y = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
+    if NORM_WEIGHT:
+        y *= tl.load(norm_w_ptr + k_offs, mask=k_valid, other=0.0).to(tl.float32)[None, :]
+    if NORM_BIAS:
+        y += tl.load(norm_b_ptr + k_offs, mask=k_valid, other=0.0).to(tl.float32)[None, :]
+    return tl.where(k_valid[None, :], y, 0.0).to(a.dtype)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr, scale_ptr, branch_ptr, res_ptr,
-                   out_ptr, M, N, K, split1, split2, stride_am, stride_wn, stride_wn2, stride_wn3, stride_rm,
-                   stride_om, seed, dropout_p, keep_scale, rows_per_sample,
+                   out_ptr, stats_in_ptr, norm_w_ptr, norm_b_ptr, stats_out_ptr, M, N, K, split1, split2, stride_am,
+                   stride_wn, stride_wn2, stride_wn3, stride_rm, stride_om, seed, dropout_p, keep_scale,
+                   rows_per_sample, norm_eps,
                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
                    HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr,
-                   WEIGHT_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   SPLIT_EPILOGUE: tl.constexpr):
+                   WEIGHT_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_STATS: tl.constexpr,
+                   NORM_WEIGHT: tl.constexpr, NORM_BIAS: tl.constexpr, STATS_OUT: tl.constexpr,
+                   STATS_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
+    """LayerNorm in (NORM_STATS "partials" or "prepass", ops.layer_norm_linear): x is the raw input of a
+    LayerNorm, normalized tile by tile in the K loop with its rows' statistics (tl_input_row_stats).
+    Statistics out (STATS_OUT): the epilogue also writes per-chunk statistics of the stored output, which the
+    next layer_norm_linear reads as "partials" instead of a pass over x."""
     # Grouped ordering: GROUP_M row-tiles share their W column-tiles while those sit in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -117,10 +200,18 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
         w_ptrs = tl_block_ptrs(w_row.to(tl.int64)[None, :], offs_k[:, None], split1, split2, w_ptr, w2_ptr, w3_ptr,
                                stride_wn, stride_wn2, stride_wn3, WEIGHT_BLOCKS)
 
+    NORM_IN: tl.constexpr = NORM_STATS is not None
+    if NORM_IN:
+        row_mean, row_m2 = tl_input_row_stats(a_ptr, stats_in_ptr, safe_m, stride_am, K, NORM_STATS, STATS_CHUNK,
+                                              BLOCK_M, BLOCK_K)
+        row_rstd = tl.rsqrt(row_m2 / K + norm_eps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        if NORM_IN:
+            a = tl_normalize_tile(a, row_mean, row_rstd, norm_w_ptr, norm_b_ptr, k * BLOCK_K + offs_k, offs_k < k_left,
+                                  NORM_WEIGHT, NORM_BIAS)
         w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         if GATED:
@@ -144,15 +235,16 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
         tl_epilogue(left, offs_m, offs_half, M, N, bias_ptr, bias2_ptr, bias3_ptr, split1, split2, scale_ptr,
                   branch_ptr, res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample,
                   HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE,
-                  WEIGHT_BLOCKS)
+                  WEIGHT_BLOCKS, stats_out_ptr, STATS_OUT, STATS_CHUNK)
         tl_epilogue(right, offs_m, offs_half + BLOCK_N // 2, M, N, bias_ptr, bias2_ptr, bias3_ptr, split1, split2,
                   scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale,
                   rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL,
-                  DEINTERLEAVE, WEIGHT_BLOCKS)
+                  DEINTERLEAVE, WEIGHT_BLOCKS, stats_out_ptr, STATS_OUT, STATS_CHUNK)
     else:
         tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split1, split2, scale_ptr, branch_ptr,
                   res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS,
-                  ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE, WEIGHT_BLOCKS)
+                  ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE, WEIGHT_BLOCKS,
+                  stats_out_ptr, STATS_OUT, STATS_CHUNK)
 
 
 def training_epilogue_fits(meta: dict, flags: dict) -> bool:
@@ -162,9 +254,11 @@ def training_epilogue_fits(meta: dict, flags: dict) -> bool:
 
 
 LINEAR_ARGS = dict(
-    key=["M", "N", "K", "HAS_RESIDUAL", "ACTIVATION", "DROPOUT", "HAS_BRANCH_SCALE", "WEIGHT_BLOCKS"],
+    key=["M", "N", "K", "HAS_RESIDUAL", "ACTIVATION", "DROPOUT", "HAS_BRANCH_SCALE", "WEIGHT_BLOCKS", "NORM_STATS",
+         "STATS_OUT"],
     interpret_config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_EPILOGUE=True),
-    arg_types={"branch_ptr": "*fp32", "dropout_p": "fp32", "keep_scale": "fp32"},
+    arg_types={"branch_ptr": "*fp32", "dropout_p": "fp32", "keep_scale": "fp32", "stats_in_ptr": "*fp32",
+               "stats_out_ptr": "*fp32", "norm_eps": "fp32"},
     aligned=("stride_am", "stride_wn", "stride_wn2", "stride_wn3", "stride_rm", "stride_om", "K", "split1", "split2"),
 )
 LINEAR = Tuned(
@@ -185,16 +279,25 @@ LINEAR = Tuned(
 )
 # swiglu (ACTIVATION="swiglu"): two accumulators and two weight tiles per K step, so a tile does the work of a
 # plain one twice as wide. 128x128 fits sm_90 (255 registers) but spills on sm_80 (120-160 bytes, 8 or 16 warps,
-# split epilogue or not; the compile check is arch-blind), as do 128x64 with 4 warps and 256x64
+# split epilogue or not): Hopper only (benchmarks/NOTES.md item 11: 464-498 TFLOP/s pinned on an H200, vs 391
+# autotuned without it); 128x64 with 4 warps and 256x64 spill on both.
+
+
+def glu_fits_arch(meta: dict, flags: dict, arch: int) -> bool:
+    return arch >= 90 or meta["BLOCK_M"] * meta["BLOCK_N"] < 128 * 128
+
+
 LINEAR_GLU = Tuned(
     "linear", _linear_kernel,
     configs=[
+        config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
         config(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
         config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
         config(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
         config(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
         config(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
     ],
+    arch_keep=glu_fits_arch,
     **LINEAR_ARGS,
 )
 
@@ -282,46 +385,71 @@ def later_blocks(blocks) -> list:
 
 
 def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1, dropout=0.0,
-                  seed=None, branch_scale=None, weight2=None, weight3=None, bias2=None, bias3=None, config=None):
+                  seed=None, branch_scale=None, weight2=None, weight3=None, bias2=None, bias3=None, config=None,
+                  stats_out=False):
     """Launch the fused GEMM on 2-D ``x`` [M, K] and ``weight`` [N, K]; returns [M, N] in x's dtype.
     ``dropout`` > 0 needs ``seed`` (a ``new_seed()`` tensor); ``branch_scale`` is an fp32 [S] vector, S
     dividing M, row m scaled by branch_scale[m // (M / S)]. ``weight2``/``weight3`` (and ``bias2``/``bias3``,
     given exactly when ``bias`` is) are further row blocks: the weight is cat([weight, weight2, weight3]),
     read in place. ``activation="swiglu"``: ``weight``/``weight2`` are the gate and up blocks [H, K] (biases
     likewise) and the output is silu(x gate^T + bias) * (x up^T + bias2), [M, H]. ``config`` (a triton.Config)
-    bypasses autotuning: tests and the config sweep use it."""
+    bypasses autotuning: tests and the config sweep use it. ``stats_out``: returns (output, its LayerNorm
+    chunk statistics) instead (``linear_with_stats_launch``)."""
     if weight3 is not None and weight2 is None:
         raise ValueError("weight3 is given without weight2")
-    weights = [row_major(w) for w in present(weight, weight2, weight3)]
-    biases = None if bias is None else [row_major(b) for b in present(bias, bias2, bias3)]
+    weights = present(weight, weight2, weight3)
+    biases = None if bias is None else present(bias, bias2, bias3)
     if (biases is None and (bias2 is not None or bias3 is not None)) or (biases and len(biases) != len(weights)):
         raise ValueError(f"{len(weights)} weight blocks need as many bias blocks (bias, bias2, bias3) or none")
+    return gemm_launch((LINEAR_GLU if activation == "swiglu" else LINEAR), x, weights, biases, activation, scale,
+                       residual, deinterleave, dropout, seed, branch_scale, stats_out=stats_out, config=config)
+
+
+def linear_with_stats_launch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1,
+                             dropout=0.0, seed=None, branch_scale=None, weight2=None, weight3=None, bias2=None,
+                             bias3=None):
+    """``linear_launch`` that also returns the output's LayerNorm statistics per STATS_CHUNK-column chunk,
+    fp32 [M, cdiv(N, STATS_CHUNK), 2] (mean, sum of squared deviations), for ``ops.layer_norm_linear``."""
+    return linear_launch(x, weight, bias, activation, scale, residual, deinterleave, dropout, seed, branch_scale,
+                         weight2, weight3, bias2, bias3, stats_out=True)
+
+
+def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deinterleave, dropout, seed, branch_scale,
+                norm=None, stats_out=False, config=None):
+    """``_linear_kernel`` through ``launcher`` (a Tuned over it) for weight blocks ``weights`` and bias blocks
+    ``biases`` (None or one per block). ``norm``: (norm_weight, norm_bias, eps, stats) of a LayerNorm applied
+    to x inside the K loop (stats: chunk statistics of x from its producer, or None: a pass over x first);
+    ``stats_out``: also return the output's chunk statistics, fp32 [M, cdiv(N, STATS_CHUNK), 2]."""
+    weights = [row_major(w) for w in weights]
+    biases = None if biases is None else [row_major(b) for b in biases]
     x = row_major(x)
     scale, residual, branch_scale = (None if t is None else row_major(t) for t in (scale, residual, branch_scale))
     M, K = x.shape
     rows = [w.shape[0] for w in weights]
-    gated = activation == "swiglu"
-    if gated and (len(rows) != 2 or rows[0] != rows[1]):
+    if activation == "swiglu" and (len(rows) != 2 or rows[0] != rows[1]):
         raise ValueError(f"swiglu needs two weight blocks (gate, up) of equal rows, got blocks of {rows} rows")
     N = out_features(rows, activation)
     out = new_output((M, N), x.device, x.dtype)
-    if M == 0 or N == 0:
-        return out
-    dummy = x  # never read: its flag is off
-    w1, w2, w3 = (weights + [weights[0]] * 2)[:3]  # unused block slots repeat block 1: WEIGHT_BLOCKS skips them
-    b1, b2, b3 = (dummy,) * 3 if biases is None else (biases + [biases[0]] * 2)[:3]
-    (LINEAR_GLU if gated else LINEAR).launch(
-        lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),
-        x, w1, w2, w3, b1, b2, b3, dummy if scale is None else scale,
-        dummy if branch_scale is None else branch_scale, dummy if residual is None else residual, out, M, N, K,
-        rows[0], rows[0] + (rows[1] if len(rows) > 1 else 0),
-        x.stride(0), w1.stride(0), w2.stride(0), w3.stride(0), 0 if residual is None else residual.stride(0),
-        out.stride(0), *dropout_args(dropout, seed),
-        1 if branch_scale is None else M // branch_scale.shape[0],
-        HAS_BIAS=biases is not None, ACTIVATION=activation, DROPOUT=dropout > 0, HAS_SCALE=scale is not None,
-        HAS_BRANCH_SCALE=branch_scale is not None, HAS_RESIDUAL=residual is not None, DEINTERLEAVE=deinterleave,
-        WEIGHT_BLOCKS=len(weights), DOT_PRECISION=dot_precision(x.dtype), config=config)
-    return out
+    stats = new_output((M, triton.cdiv(N, STATS_CHUNK), 2), x.device, torch.float32) if stats_out else None
+    if M and N:
+        dummy = x  # never read: its flag is off
+        norm_weight, norm_bias, eps, stats_in = norm if norm is not None else (None, None, 0.0, None)
+        w1, w2, w3 = (weights + [weights[0]] * 2)[:3]  # unused block slots repeat block 1: WEIGHT_BLOCKS skips them
+        b1, b2, b3 = (dummy,) * 3 if biases is None else (biases + [biases[0]] * 2)[:3]
+        launcher.launch(
+            lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),
+            x, w1, w2, w3, b1, b2, b3, *(dummy if t is None else t for t in (scale, branch_scale, residual)), out,
+            *(dummy if t is None else t for t in (stats_in, norm_weight, norm_bias, stats)), M, N, K,
+            rows[0], rows[0] + (rows[1] if len(rows) > 1 else 0),
+            x.stride(0), w1.stride(0), w2.stride(0), w3.stride(0), 0 if residual is None else residual.stride(0),
+            out.stride(0), *dropout_args(dropout, seed), 1 if branch_scale is None else M // branch_scale.shape[0],
+            float(eps), HAS_BIAS=biases is not None, ACTIVATION=activation, DROPOUT=dropout > 0,
+            HAS_SCALE=scale is not None, HAS_BRANCH_SCALE=branch_scale is not None, HAS_RESIDUAL=residual is not None,
+            DEINTERLEAVE=deinterleave, WEIGHT_BLOCKS=len(weights), DOT_PRECISION=dot_precision(x.dtype),
+            NORM_STATS=None if norm is None else "prepass" if stats_in is None else "partials",
+            NORM_WEIGHT=norm_weight is not None, NORM_BIAS=norm_bias is not None, STATS_OUT=stats_out,
+            STATS_CHUNK=STATS_CHUNK, config=config)
+    return (out, stats) if stats_out else out
 
 
 def out_features(rows, activation) -> int:
@@ -455,6 +583,36 @@ def _linear_grad(ctx, dy):
 linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
+@torch.library.custom_op("vit_kernels::linear_with_stats", mutates_args=())
+def linear_with_stats_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+                         scale: torch.Tensor | None, residual: torch.Tensor | None, deinterleave: int,
+                         dropout: float = 0.0, seed: torch.Tensor | None = None,
+                         branch_scale: torch.Tensor | None = None, weight2: torch.Tensor | None = None,
+                         weight3: torch.Tensor | None = None, bias2: torch.Tensor | None = None,
+                         bias3: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear_op`` plus the output's LayerNorm chunk statistics (not differentiable): the residual GEMMs
+    (proj, fc2) hand them to the next ``layer_norm_linear``."""
+    return linear_with_stats_launch(x, weight, bias, activation, scale, residual, deinterleave, dropout, seed,
+                                    branch_scale, weight2, weight3, bias2, bias3)
+
+
+@linear_with_stats_op.register_fake
+def _(x, weight, bias, activation, scale, residual, deinterleave, dropout=0.0, seed=None, branch_scale=None,
+      weight2=None, weight3=None, bias2=None, bias3=None):
+    n = out_features([w.shape[0] for w in present(weight, weight2, weight3)], activation)
+    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], triton.cdiv(n, STATS_CHUNK), 2),
+                                                     dtype=torch.float32)
+
+
+def _linear_with_stats_setup(ctx, inputs, output):
+    _linear_setup(ctx, inputs, output)
+    ctx.mark_non_differentiable(output[1])
+
+
+linear_with_stats_op.register_autograd(lambda ctx, dy, _dstats: _linear_grad(ctx, dy),
+                                       setup_context=_linear_with_stats_setup)
+
+
 def linear_torch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1, dropout=0.0,
                  branch_scale=None):
     """The PyTorch fallback, same semantics (its dropout masks come from torch's RNG, not Philox). ``weight``
@@ -491,7 +649,8 @@ def check_branch_scale(branch_scale, x) -> None:
 def linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
            bias: torch.Tensor | Sequence[torch.Tensor | None] | None = None, activation: str | None = None,
            scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-           deinterleave: int = 1, dropout: float = 0.0, branch_scale: torch.Tensor | None = None) -> torch.Tensor:
+           deinterleave: int = 1, dropout: float = 0.0, branch_scale: torch.Tensor | None = None,
+           norm_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``residual + scale * dropout(activation(x @ weight.T + bias))`` over the last axis of ``x`` (any
     leading dims).
 
@@ -517,6 +676,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
     fc1_g/fc1_x weights, or ``w.chunk(2)`` views of a packed [2H, K] weight as in timm SwiGLUPacked and Hugging
     Face Dinov2SwiGLUFFN, gate first); gradients reach them (through the views: the packed tensor). Dropout
     (timm's drop1) applies after the product; scale, residual, branch_scale and deinterleave are rejected.
+
+    ``norm_stats=True`` returns ``(output, stats)``: stats are the output's LayerNorm statistics (per row, the
+    mean and sum of squared deviations of each chunk of columns, fp32), written by the same epilogue from the
+    stored values. Pass them to ``ops.layer_norm_linear(output, ..., stats=stats)`` to normalize the output in
+    the next GEMM without another pass over it. The PyTorch fallback computes them with PyTorch.
     """
     check_tensor("x", x)
     if x.dim() < 2:
@@ -534,18 +698,37 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
     n = out_features([w.shape[0] for w in weights], activation)
     b1 = None if biases is None else biases[0]
     blocks = () if len(weights) == 1 else (*later_blocks(weights), *later_blocks(biases))  # weight2, 3, bias2, 3
+    if not isinstance(norm_stats, bool):
+        raise TypeError(f"norm_stats must be a bool, got {type(norm_stats).__name__}")
+
+    def fallback():
+        y = linear_torch(x, weights, biases, activation, scale, residual, deinterleave, dropout, branch_scale)
+        return (y, chunk_stats(y.reshape(-1, n))) if norm_stats else y
+
+    def finish(out):
+        return (out[0].view(*lead, n), out[1]) if norm_stats else out.view(*lead, n)
+
     return dispatch(
-        (x,), lambda: linear_torch(x, weights, biases, activation, scale, residual, deinterleave, dropout,
-                                   branch_scale),
-        linear_op, linear_launch,
+        (x,), fallback, linear_with_stats_op if norm_stats else linear_op,
+        linear_with_stats_launch if norm_stats else linear_launch,
         lambda: (x2, weights[0], b1, activation, scale, res2, deinterleave, float(dropout),
-                 new_seed() if dropout else None, branch_scale, *blocks),
-        finish=lambda out: out.view(*lead, n))
+                 new_seed() if dropout else None, branch_scale, *blocks), finish=finish)
+
+
+def chunk_stats(y: torch.Tensor) -> torch.Tensor:
+    """What the STATS_OUT epilogue writes, in PyTorch: for y [M, N], fp32 [M, cdiv(N, STATS_CHUNK), 2], the
+    mean and the sum of squared deviations of each STATS_CHUNK-column chunk of each row (last chunk: the rest)."""
+    y = y.float()
+    chunks = y.split(STATS_CHUNK, dim=1)
+    means = torch.stack([c.mean(1) for c in chunks], 1)
+    m2 = torch.stack([((c - c.mean(1, keepdim=True)) ** 2).sum(1) for c in chunks], 1)
+    return torch.stack([means, m2], 2)
 
 
 # --- registry entry ----------------------------------------------------------------------------------------
 PLAIN = dict(HAS_BIAS=True, ACTIVATION=None, DROPOUT=False, HAS_SCALE=False, HAS_BRANCH_SCALE=False,
-             HAS_RESIDUAL=False, DEINTERLEAVE=1, WEIGHT_BLOCKS=1, DOT_PRECISION="tf32")
+             HAS_RESIDUAL=False, DEINTERLEAVE=1, WEIGHT_BLOCKS=1, DOT_PRECISION="tf32", NORM_STATS=None,
+             NORM_WEIGHT=False, NORM_BIAS=False, STATS_OUT=False, STATS_CHUNK=64)
 VARIANTS = (
     # proj / fc2: layer scale + residual, with dropout and stochastic depth on or off
     *({**PLAIN, "DROPOUT": drop, "HAS_SCALE": True, "HAS_BRANCH_SCALE": branch, "HAS_RESIDUAL": True}
@@ -556,6 +739,9 @@ VARIANTS = (
     {**PLAIN, "DEINTERLEAVE": 3},  # the tutorial's qkv
     {**PLAIN, "WEIGHT_BLOCKS": 3},  # Hugging Face's qkv: separate query/key/value weights and biases
     {**PLAIN, "HAS_BIAS": False},
+    # proj / fc2 also writing the residual stream's LayerNorm statistics (for ops.layer_norm_linear)
+    *({**PLAIN, "HAS_SCALE": True, "HAS_RESIDUAL": True, "STATS_OUT": True, "DROPOUT": drop, "HAS_BRANCH_SCALE": drop}
+      for drop in (False, True)),
 )
 # SwiGLU fc1 (LINEAR_GLU's configs): gate and up blocks, with dropout on or off, with and without biases
 GLU_VARIANTS = tuple({**PLAIN, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROPOUT": drop, "HAS_BIAS": bias}
@@ -583,6 +769,9 @@ def _opcheck_samples(device):
         (linear_op, (r(9, 20), r(13, 20), r(13), "swiglu", None, None, 1, 0.25, new_seed(), None, r(13, 20), None,
                      r(13))),
         (linear_op, (r(9, 20), r(13, 20), None, "swiglu", None, None, 1, 0.0, None, None, r(13, 20))),
+        # proj / fc2 handing the residual stream's LayerNorm statistics to the next layer_norm_linear
+        (linear_with_stats_op, (r(9, 20), r(70, 20), r(70), None, r(70), r(9, 70), 1, 0.25, new_seed(),
+                                torch.tensor([0.0, 1.5, 1.5], device=device))),
     ]
 
 
@@ -658,7 +847,7 @@ register(OpSpec(
             "residual add, autotuned; can write the tutorial's interleaved qkv as contiguous q/k/v; SwiGLU "
             "(silu(gate) * up from two weight blocks) in one GEMM",
     kernels=(KernelGrid(LINEAR, VARIANTS), KernelGrid(LINEAR_GLU, GLU_VARIANTS)),
-    custom_ops=(linear_op,),
+    custom_ops=(linear_op, linear_with_stats_op),
     opcheck_samples=_opcheck_samples,
     grad_cases=_grad_cases,
     examples=_examples,
