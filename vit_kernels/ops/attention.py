@@ -164,6 +164,40 @@ def tl_qk_setup(qkv_ptr, b, h, E, stride_b, cos_ptr, sin_ptr, stride_rh, D: tl.c
     return d1, d2, ok1, ok2, off1, off2, cos_ptr + h * stride_rh, sin_ptr + h * stride_rh, q_base
 
 
+@triton.jit
+def tl_softmax_step(acc, m_i, l_i, s, cols, offs_m, v_base, d_off, d_mask, N, stride_n, seed, dropout_p, keep_scale,
+                    bh, EVEN: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax: s holds the tile's scores, scaled into log2 units (log2(e) is
+    folded into qk_scale: exp2 is the fast exponential), -inf where not allowed. EVEN: every column is a key."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # rows that have seen no allowed key yet keep m = -inf; subtract 0 there to avoid inf - inf
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v_mask = d_mask[None, :] if EVEN else (cols[:, None] < N) & d_mask[None, :]
+    v = tl.load(v_base + cols[:, None] * stride_n + d_off[None, :], mask=v_mask, other=0.0)
+    if DROPOUT:
+        p = tl_apply_dropout(p, seed, offs_m, cols, bh, dropout_p, keep_scale)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def tl_attend_keys(acc, m_i, l_i, q, cols, offs_m, row_ok, k_base, v_base, d_off, d_mask, mask_rows, N, stride_n,
+                   qk_scale, seed, dropout_p, keep_scale, bh, EVEN: tl.constexpr, HAS_MASK: tl.constexpr,
+                   DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The key tile ``cols`` (any width) for the plain q: scores, then the softmax step. EVEN (every column a
+    key, the tile inside N): no bounds checks, and without a mask no -inf select at all."""
+    k_mask = d_mask[:, None] if EVEN else (cols[None, :] < N) & d_mask[:, None]
+    k_t = tl.load(k_base + cols[None, :] * stride_n + d_off[:, None], mask=k_mask, other=0.0)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION, out_dtype=tl.float32) * qk_scale
+    if HAS_MASK or not EVEN:
+        s = tl.where(tl_allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK), s, float("-inf"))
+    return tl_softmax_step(acc, m_i, l_i, s, cols, offs_m, v_base, d_off, d_mask, N, stride_n, seed, dropout_p,
+                           keep_scale, bh, EVEN, DROPOUT, DOT_PRECISION)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, qw_ptr, qb_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr,
                           N, H, E, qk_scale, out_scale, eps, seed, dropout_p, keep_scale,
@@ -173,9 +207,11 @@ def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, qw_ptr, qb_ptr, k
                           STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           QK_NORM: tl.constexpr = 0, NORM_WEIGHT: tl.constexpr = False,
-                          NORM_BIAS: tl.constexpr = False, ROPE: tl.constexpr = 0):
+                          NORM_BIAS: tl.constexpr = False, ROPE: tl.constexpr = 0, TAIL_N: tl.constexpr = 0):
     """QK_NORM: 0 off, 1 LayerNorm, 2 RMSNorm (NORM_WEIGHT/NORM_BIAS: parameters given); ROPE: 0 off,
-    1 interleaved, 2 half. q and k are then transformed as loaded (see tl_qk_columns)."""
+    1 interleaved, 2 half. q and k are then transformed as loaded (see tl_qk_columns).
+    TAIL_N (plain q and k only): the keys in whole BLOCK_N tiles with no bounds checks, the rest in TAIL_N-wide
+    tiles: at N = 197 and BLOCK_N = 64, 208 key columns computed instead of 256."""
     bh, b, h, offs_m, row_ok, q, k_base, v_base, d_off, d_mask, mask_rows = tl_query_tile(
         qkv_ptr, mask_ptr, N, H, E, stride_b, stride_n, stride_mb, stride_mh, stride_mq, D, INTERLEAVED, BLOCK_M,
         BLOCK_D)
@@ -194,33 +230,30 @@ def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, qw_ptr, qb_ptr, k
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    for start in range(0, N, BLOCK_N):
-        cols = start + offs_n
-        col_ok = cols < N
-        if QK_NORM or ROPE:
-            k1, k2 = tl_qk_rows(k_base, cols, col_ok, off1, off2, d1, d2, ok1, ok2, stride_n, kw_ptr, kb_ptr,
-                                cos_ptr, sin_ptr, stride_rn, eps, D, QK_NORM, NORM_WEIGHT, NORM_BIAS, ROPE)
-            s = tl_qk_dot(q1, q2, k1.to(dtype), k2.to(dtype), DOT_PRECISION)
-        else:
-            k_t = tl.load(k_base + cols[None, :] * stride_n + d_off[:, None],
-                          mask=col_ok[None, :] & d_mask[:, None], other=0.0)
-            s = tl.dot(q, k_t, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-        # log2(e) is folded into qk_scale: exp2 is the fast exponential
-        s = s * qk_scale
-        s = tl.where(tl_allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # rows that have seen no allowed key yet keep m = -inf; subtract 0 there to avoid inf - inf
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None] * stride_n + d_off[None, :],
-                    mask=col_ok[:, None] & d_mask[None, :], other=0.0)
-        if DROPOUT:
-            p = tl_apply_dropout(p, seed, offs_m, cols, bh, dropout_p, keep_scale)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION,
-                                            out_dtype=tl.float32)
-        m_i = m_new
+    if TAIL_N:  # whole key tiles with no bounds checks, then the last N % BLOCK_N keys in narrow tiles
+        body_end = N - N % BLOCK_N
+        for start in range(0, body_end, BLOCK_N):
+            acc, m_i, l_i = tl_attend_keys(acc, m_i, l_i, q, start + offs_n, offs_m, row_ok, k_base, v_base, d_off,
+                                           d_mask, mask_rows, N, stride_n, qk_scale, seed, dropout_p, keep_scale, bh,
+                                           True, HAS_MASK, DROPOUT, DOT_PRECISION)
+        for start in range(body_end, N, TAIL_N):
+            acc, m_i, l_i = tl_attend_keys(acc, m_i, l_i, q, start + tl.arange(0, TAIL_N), offs_m, row_ok, k_base,
+                                           v_base, d_off, d_mask, mask_rows, N, stride_n, qk_scale, seed, dropout_p,
+                                           keep_scale, bh, False, HAS_MASK, DROPOUT, DOT_PRECISION)
+    else:
+        for start in range(0, N, BLOCK_N):
+            cols = start + offs_n
+            if QK_NORM or ROPE:
+                k1, k2 = tl_qk_rows(k_base, cols, cols < N, off1, off2, d1, d2, ok1, ok2, stride_n, kw_ptr, kb_ptr,
+                                    cos_ptr, sin_ptr, stride_rn, eps, D, QK_NORM, NORM_WEIGHT, NORM_BIAS, ROPE)
+                s = tl_qk_dot(q1, q2, k1.to(dtype), k2.to(dtype), DOT_PRECISION)
+                s = tl.where(tl_allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK), s * qk_scale, float("-inf"))
+                acc, m_i, l_i = tl_softmax_step(acc, m_i, l_i, s, cols, offs_m, v_base, d_off, d_mask, N, stride_n,
+                                                seed, dropout_p, keep_scale, bh, False, DROPOUT, DOT_PRECISION)
+            else:
+                acc, m_i, l_i = tl_attend_keys(acc, m_i, l_i, q, cols, offs_m, row_ok, k_base, v_base, d_off,
+                                               d_mask, mask_rows, N, stride_n, qk_scale, seed, dropout_p, keep_scale,
+                                               bh, False, HAS_MASK, DROPOUT, DOT_PRECISION)
 
     # a fully masked row has l = 0 and acc = 0: write zeros
     out = acc * (out_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
@@ -397,7 +430,8 @@ def forward_fits(meta: dict, flags: dict) -> bool:
     128 x 64 for head_dim <= 64, 32-wide key tiles (their own configs) above."""
     tiles = (meta["BLOCK_M"], meta["BLOCK_N"])
     if transforms_qk(flags):
-        return tiles in (((128, 64),) if flags.get("BLOCK_D", 0) <= 64 else ((128, 32), (64, 32)))
+        return not meta.get("TAIL_N") and tiles in (((128, 64),) if flags.get("BLOCK_D", 0) <= 64
+                                                    else ((128, 32), (64, 32)))
     heavy = flags.get("HAS_MASK") or flags.get("BLOCK_D", 0) > 64 or flags.get("DROPOUT")
     return meta["BLOCK_N"] in (64, 128) and (meta["BLOCK_N"] <= 64 or not heavy)
 
@@ -428,10 +462,16 @@ ATTENTION = Tuned(
         config(4, 2, BLOCK_M=64, BLOCK_N=128),
         config(8, 2, BLOCK_M=128, BLOCK_N=32),  # qk-norm/RoPE with head_dim > 64 only
         config(8, 2, BLOCK_M=64, BLOCK_N=32),  # likewise
+        # ViT lengths (N = 197, 257): whole key tiles unchecked, the tail in narrow ones (plain q/k only)
+        config(4, 3, BLOCK_M=64, BLOCK_N=64, TAIL_N=16),
+        config(8, 3, BLOCK_M=128, BLOCK_N=64, TAIL_N=16),
+        config(8, 2, BLOCK_M=128, BLOCK_N=128, TAIL_N=32),
+        config(4, 2, BLOCK_M=64, BLOCK_N=128, TAIL_N=32),
     ],
     key=["N", "D", "HAS_MASK", "INTERLEAVED", "DROPOUT", "QK_NORM", "ROPE"],
     interpret_config=dict(BLOCK_M=32, BLOCK_N=32),
     keep=lambda meta, flags: forward_fits(meta, flags),
+    pending=("attention_tail", lambda meta: meta.get("TAIL_N", 0) > 0),
     arg_types=ATTENTION_TYPES, aligned=ALIGNED,
     quiet_fp=("divide",),  # log2(0) of out-of-range query rows, stored masked
 )
@@ -491,10 +531,10 @@ def qk_kernel_args(qkv, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, 
 
 def attention_launch(qkv, mask, num_heads, layout, scaling, dropout=0.0, seed=None, q_norm_weight=None,
                      q_norm_bias=None, k_norm_weight=None, k_norm_bias=None, qk_norm=None, qk_norm_eps=1e-6,
-                     rope_cos=None, rope_sin=None, rope_layout="interleaved"):
+                     rope_cos=None, rope_sin=None, rope_layout="interleaved", config=None):
     """(out [B, N, E], the fp32 log2-domain log-sum-exp [B * heads, N] that backward needs). ``mask`` is None or
     already prepared by ``contiguous_key_mask``; ``dropout`` > 0 needs a ``new_seed()`` tensor; the qk-norm /
-    RoPE arguments as in ``attention``."""
+    RoPE arguments as in ``attention``; ``config`` pins a tiling (tests)."""
     qkv = row_major(qkv)
     B, N, E3 = qkv.shape
     E = E3 // 3
@@ -512,7 +552,7 @@ def attention_launch(qkv, mask, num_heads, layout, scaling, dropout=0.0, seed=No
             *dropout_args(dropout, seed), qkv.stride(0), qkv.stride(1), *mask_strides(mask), out.stride(0),
             out.stride(1), *rope_strides, D=D, INTERLEAVED=layout == "h d qkv", HAS_MASK=mask is not None,
             DROPOUT=dropout > 0, STORE_LSE=True, DOT_PRECISION=dot_precision(qkv.dtype),
-            BLOCK_D=head_tile(D), **qk_flags)
+            BLOCK_D=head_tile(D), config=config, **qk_flags)
     return out, lse
 
 
@@ -978,7 +1018,8 @@ register(OpSpec(
     summary="flash attention (online softmax, no N x N matrix) reading the fused qkv buffer in place, both qkv "
             "layouts, both scalings, odd token counts, any head_dim <= 256, optional boolean mask, dropout on "
             "the probabilities; qk-norm (LayerNorm/RMSNorm per head) and 2D RoPE (EVA's interleaved or DINOv3's "
-            "half layout) applied to q and k in its prologue, forward and backward",
+            "half layout) applied to q and k in its prologue, forward and backward; a forward tiling for ViT "
+            "lengths (whole key tiles unchecked, a narrow tail; autotuned once a GPU round validates it)",
     kernels=(KernelGrid(ATTENTION, FORWARD_VARIANTS), KernelGrid(ATTENTION_BACKWARD, BACKWARD_VARIANTS)),
     custom_ops=(attention_op, attention_backward_op),
     opcheck_samples=_opcheck_samples,

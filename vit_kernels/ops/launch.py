@@ -15,6 +15,7 @@ import os
 import torch
 import triton
 
+from . import guard
 from .dispatch import INTERPRET, record_launch
 
 # Tests set VIT_KERNELS_POISON=1: outputs start as NaN, so any element a kernel fails to write shows up.
@@ -151,19 +152,27 @@ class Tuned(Kernel):
     walks exactly ``configs_for(flags, arch=...)`` per arch.
     """
 
-    def __init__(self, name, kernel, configs, key, interpret_config: dict, keep=None, arch_keep=None, **kwargs):
+    def __init__(self, name, kernel, configs, key, interpret_config: dict, keep=None, arch_keep=None, pending=None,
+                 **kwargs):
         super().__init__(name, kernel, **kwargs)
         self.configs = configs
         self.interpret_config = interpret_config
         self.keep = keep or (lambda meta, flags: True)
         self.arch_keep = arch_keep or (lambda meta, flags, arch: True)
+        self.pending = pending  # (validation name, meta -> bool): configs autotune skips until validated
         self.tuned = triton.autotune(configs=configs, key=key, prune_configs_by={
             "early_config_prune": lambda configs, named_args, **flags: self.configs_for(
-                flags, configs, arch=device_arch(named_args))})(kernel)
+                flags, configs, arch=device_arch(named_args), autotuning=True)})(kernel)
 
-    def configs_for(self, flags: dict, configs=None, arch: int | None = None) -> list:
-        return [c for c in (configs or self.configs)
+    def configs_for(self, flags: dict, configs=None, arch: int | None = None, autotuning: bool = False) -> list:
+        """The configs for ``flags`` (and GPU generation ``arch``). ``autotuning``: also without the pending
+        configs (a new variant no real GPU has validated: compiled by the check and run pinned by the GPU
+        tests, autotuned only once ``guard.VALIDATED_ON_GPU`` names it)."""
+        kept = [c for c in (configs or self.configs)
                 if self.keep(c.kwargs, flags) and (arch is None or self.arch_keep(c.kwargs, flags, arch))]
+        if autotuning and self.pending is not None and self.pending[0] not in guard.VALIDATED_ON_GPU:
+            kept = [c for c in kept if not self.pending[1](c.kwargs)]
+        return kept
 
     def launch(self, grid, *args, config: triton.Config | None = None, **kwargs) -> None:
         """``config`` pins one config instead of autotuning, on a GPU and in the interpreter alike."""
