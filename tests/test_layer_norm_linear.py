@@ -273,19 +273,22 @@ def test_parameter_writes_through_data_are_seen(device):
         torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
-def test_arch_rule_keeps_128_wide_tiles_on_ampere():
-    """The normalizing GEMM's 128x256 tile fits sm_90's registers but spills on sm_80: the launcher drops it
-    there only (the compile check skips exactly those cases)."""
+def test_arch_rule_keeps_swiglus_128x128_tile_for_hopper():
+    """SwiGLU's 128x128 tile fits sm_90's registers but spills on sm_80: its launchers (ops.linear's and this
+    op's) drop it there only, and the compile check skips exactly those cases."""
     from vit_kernels.ops.launch import device_arch
-    from vit_kernels.ops.layer_norm_linear import LAYER_NORM_LINEAR, NORMED
+    from vit_kernels.ops.layer_norm_linear import GLU_VARIANTS, LAYER_NORM_LINEAR_GLU
+    from vit_kernels.ops.linear import LINEAR_GLU
 
-    widths = {arch: {c.kwargs["BLOCK_N"] for c in LAYER_NORM_LINEAR.configs_for(NORMED, arch=arch)}
-              for arch in (80, 90)}
-    assert max(widths[80]) == 128 and max(widths[90]) == 256
+    for launcher in (LINEAR_GLU, LAYER_NORM_LINEAR_GLU):
+        tiles = {arch: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in launcher.configs_for(GLU_VARIANTS[0],
+                                                                                               arch=arch)}
+                 for arch in (80, 90)}
+        assert (128, 128) in tiles[90] and (128, 128) not in tiles[80] and tiles[80] < tiles[90]
+        used = {case[0]: case[4] for case in launcher.compile_cases([GLU_VARIANTS[0]])}
+        assert all(archs == ((90,) if "BLOCK_M=128 BLOCK_N=128" in label else (80, 90))
+                   for label, archs in used.items())
     assert device_arch({"x": torch.ones(1), "n": 3}) is None  # no CUDA tensor: not filtered by arch
-    used = {case[0]: case[4] for case in LAYER_NORM_LINEAR.compile_cases([NORMED])}
-    assert {label: archs for label, archs in used.items() if "BLOCK_N=256" in label} and all(
-        archs == ((90,) if "BLOCK_N=256" in label else (80, 90)) for label, archs in used.items())
 
 
 @pytest.mark.gpu

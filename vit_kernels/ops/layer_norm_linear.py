@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..validate import check_device, check_eps, check_probability, check_tensor, check_vector
+from ..validate import check_device, check_eps, check_vector
 from .dispatch import dispatch
 from .dropout import new_seed
 from .launch import Tuned
@@ -39,9 +39,7 @@ from .linear import (
     SCALE_ARG,
     STATS_CHUNK,
     WEIGHT_ARGS,
-    as_blocks,
-    check_branch_scale,
-    check_linear,
+    check_public_linear,
     chunk_stats,
     gemm_launch,
     later_blocks,
@@ -53,16 +51,9 @@ from .linear import (
 )
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 
-
-def fits_arch(meta: dict, flags: dict, arch: int) -> bool:
-    """The statistics' registers tip the 128x256 tile over 255 on sm_80 (16-24 bytes spilled; sm_90: 227-242
-    registers, no spill): Ampere keeps 128-wide tiles."""
-    return arch >= 90 or meta["BLOCK_N"] <= 128
-
-
 # Separate launchers (the same kernel and configs as ops.linear's) so launch counts name the fused op.
 LAYER_NORM_LINEAR = Tuned("layer_norm_linear", LINEAR.kernel, configs=LINEAR.configs, keep=LINEAR.keep,
-                          arch_keep=fits_arch, **LINEAR_ARGS)
+                          **LINEAR_ARGS)
 LAYER_NORM_LINEAR_GLU = Tuned("layer_norm_linear", LINEAR.kernel, configs=LINEAR_GLU.configs,
                               arch_keep=LINEAR_GLU.arch_keep, **LINEAR_ARGS)
 
@@ -175,24 +166,13 @@ def layer_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bi
     stats: x's LayerNorm statistics as ``x, stats = ops.linear(..., norm_stats=True)`` returned them with x
     (it is the caller's promise that x has not changed since); None: the kernel gathers them with a pass over
     x's rows before its K loop."""
-    check_tensor("x", x)
-    if x.dim() < 2:
-        raise ValueError(f"x must have at least 2 dimensions [..., features], got shape {tuple(x.shape)}")
+    x2, res2, weights, biases = check_public_linear(x, weight, bias, activation, scale, residual, deinterleave,
+                                                    dropout, branch_scale)
     check_eps(eps)
-    k = x.shape[-1]
-    check_vector("norm_weight", norm_weight, k, x.dtype, x.device)
-    check_vector("norm_bias", norm_bias, k, x.dtype, x.device)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    check_vector("norm_weight", norm_weight, x.shape[-1], x.dtype, x.device)
+    check_vector("norm_bias", norm_bias, x.shape[-1], x.dtype, x.device)
     check_stats(stats, x2)
-    res2 = None
-    if residual is not None:
-        check_tensor("residual", residual)
-        res2 = residual.reshape(-1, residual.shape[-1]) if residual.shape[:-1] == lead else residual
-    weights, biases = as_blocks(weight, bias)
-    check_linear(x2, weights, biases, activation, scale, res2, deinterleave, branch_scale)
-    check_branch_scale(branch_scale, x)
-    check_probability("dropout", dropout)
+    lead = x.shape[:-1]
     n = out_features([w.shape[0] for w in weights], activation)
     return dispatch(
         (x,), lambda: layer_norm_linear_torch(x, norm_weight, norm_bias, weights, biases, eps, activation, scale,

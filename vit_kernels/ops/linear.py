@@ -682,19 +682,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
     stored values. Pass them to ``ops.layer_norm_linear(output, ..., stats=stats)`` to normalize the output in
     the next GEMM without another pass over it. The PyTorch fallback computes them with PyTorch.
     """
-    check_tensor("x", x)
-    if x.dim() < 2:
-        raise ValueError(f"x must have at least 2 dimensions [..., features], got shape {tuple(x.shape)}")
+    x2, res2, weights, biases = check_public_linear(x, weight, bias, activation, scale, residual, deinterleave,
+                                                    dropout, branch_scale)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    res2 = None
-    if residual is not None:
-        check_tensor("residual", residual)
-        res2 = residual.reshape(-1, residual.shape[-1]) if residual.shape[:-1] == lead else residual
-    weights, biases = as_blocks(weight, bias)
-    check_linear(x2, weights, biases, activation, scale, res2, deinterleave, branch_scale)
-    check_probability("dropout", dropout)
-    check_branch_scale(branch_scale, x)
     n = out_features([w.shape[0] for w in weights], activation)
     b1 = None if biases is None else biases[0]
     blocks = () if len(weights) == 1 else (*later_blocks(weights), *later_blocks(biases))  # weight2, 3, bias2, 3
@@ -713,6 +703,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
         linear_with_stats_launch if norm_stats else linear_launch,
         lambda: (x2, weights[0], b1, activation, scale, res2, deinterleave, float(dropout),
                  new_seed() if dropout else None, branch_scale, *blocks), finish=finish)
+
+
+def check_public_linear(x, weight, bias, activation, scale, residual, deinterleave, dropout, branch_scale):
+    """The checks of ``linear``'s public arguments (``layer_norm_linear`` shares them); returns x and the
+    residual as 2-D rows and the (weights, biases) blocks."""
+    check_tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must have at least 2 dimensions [..., features], got shape {tuple(x.shape)}")
+    x2 = x.reshape(-1, x.shape[-1])
+    res2 = None
+    if residual is not None:
+        check_tensor("residual", residual)
+        res2 = residual.reshape(-1, residual.shape[-1]) if residual.shape[:-1] == x.shape[:-1] else residual
+    weights, biases = as_blocks(weight, bias)
+    check_linear(x2, weights, biases, activation, scale, res2, deinterleave, branch_scale)
+    check_probability("dropout", dropout)
+    check_branch_scale(branch_scale, x)
+    return x2, res2, weights, biases
 
 
 def chunk_stats(y: torch.Tensor) -> torch.Tensor:
