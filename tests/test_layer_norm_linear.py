@@ -325,20 +325,20 @@ def test_first_use_guard_compares_once_and_falls_back_on_disagreement(monkeypatc
         return run
 
     x = torch.zeros(1)
-    assert torch.equal(guard.choose("good", "k", x, make("new", 1.0), make("proven", 1.0), 0.3), torch.ones(3))
+    assert torch.equal(guard.choose("good", lambda: "k", x, make("new", 1.0), make("proven", 1.0), 0.3), torch.ones(3))
     assert calls == [("proven", 0.0), ("new", 0.0), ("new", 0.3)]  # compared without dropout, then run with it
     calls.clear()
-    guard.choose("good", "k", x, make("new", 1.0), make("proven", 1.0), 0.3)
+    guard.choose("good", lambda: "k", x, make("new", 1.0), make("proven", 1.0), 0.3)
     assert calls == [("new", 0.3)]  # checked once per key
     with pytest.warns(RuntimeWarning, match="bad disagreed with its proven path"):
-        assert torch.equal(guard.choose("bad", "k", x, make("new", 9.0), make("proven", 1.0)), torch.ones(3))
+        assert torch.equal(guard.choose("bad", lambda: "k", x, make("new", 9.0), make("proven", 1.0)), torch.ones(3))
     assert guard.verdicts() == {("good", "k"): True, ("bad", "k"): False}
     calls.clear()
-    guard.choose("bad", "k", x, make("new", 9.0), make("proven", 1.0))
+    guard.choose("bad", lambda: "k", x, make("new", 9.0), make("proven", 1.0))
     assert calls == [("proven", 0.0)]
     nan = torch.full((3,), float("nan"))
     with pytest.warns(RuntimeWarning):
-        guard.choose("nan", "k", x, lambda p: nan, make("proven", 1.0))
+        guard.choose("nan", lambda: "k", x, lambda p: nan, make("proven", 1.0))
     guard.reset()
 
 

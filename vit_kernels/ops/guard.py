@@ -27,14 +27,15 @@ def needs_check(name: str, x: torch.Tensor) -> bool:
     return x.is_cuda and name not in VALIDATED_ON_GPU
 
 
-def choose(name: str, key: Hashable, x: torch.Tensor, new: Callable[[float], torch.Tensor],
+def choose(name: str, key: Callable[[], Hashable], x: torch.Tensor, new: Callable[[float], torch.Tensor],
            proven: Callable[[float], torch.Tensor], dropout: float = 0.0) -> torch.Tensor:
-    """``new(dropout)`` when it may run for ``key`` (x: the input whose device decides), else
-    ``proven(dropout)``. On a GPU, before ``name`` is validated, the first call per key also runs both without
-    dropout and without autograd and compares them. Inside torch.compile or a CUDA-graph capture an unchecked
-    key takes the proven path (a comparison there would be traced or captured)."""
+    """``new(dropout)`` when it may run for the problem ``key()`` (built only when needed; x: the input whose
+    device decides), else ``proven(dropout)``. On a GPU, before ``name`` is validated, the first call per key
+    also runs both without dropout and without autograd and compares them. Inside torch.compile or a
+    CUDA-graph capture an unchecked key takes the proven path (a comparison there would be traced or captured)."""
     if not needs_check(name, x):
         return new(dropout)
+    key = key()
     verdict = _verdicts.get((name, key))
     if verdict is None:
         if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
