@@ -456,12 +456,12 @@ ALIGNED = ("stride_b", "stride_n", "stride_ob", "stride_on", "E")
 ATTENTION = Tuned(
     "attention", _attention_fwd_kernel,
     configs=[
-        config(4, 3, BLOCK_M=64, BLOCK_N=64),
-        config(8, 3, BLOCK_M=128, BLOCK_N=64),
-        config(8, 2, BLOCK_M=128, BLOCK_N=128),
-        config(4, 2, BLOCK_M=64, BLOCK_N=128),
-        config(8, 2, BLOCK_M=128, BLOCK_N=32),  # qk-norm/RoPE with head_dim > 64 only
-        config(8, 2, BLOCK_M=64, BLOCK_N=32),  # likewise
+        config(4, 3, BLOCK_M=64, BLOCK_N=64, TAIL_N=0),
+        config(8, 3, BLOCK_M=128, BLOCK_N=64, TAIL_N=0),
+        config(8, 2, BLOCK_M=128, BLOCK_N=128, TAIL_N=0),
+        config(4, 2, BLOCK_M=64, BLOCK_N=128, TAIL_N=0),
+        config(8, 2, BLOCK_M=128, BLOCK_N=32, TAIL_N=0),  # qk-norm/RoPE with head_dim > 64 only
+        config(8, 2, BLOCK_M=64, BLOCK_N=32, TAIL_N=0),  # likewise
         # ViT lengths (N = 197, 257): whole key tiles unchecked, the tail in narrow ones (plain q/k only)
         config(4, 3, BLOCK_M=64, BLOCK_N=64, TAIL_N=16),
         config(8, 3, BLOCK_M=128, BLOCK_N=64, TAIL_N=16),
@@ -469,7 +469,7 @@ ATTENTION = Tuned(
         config(4, 2, BLOCK_M=64, BLOCK_N=128, TAIL_N=32),
     ],
     key=["N", "D", "HAS_MASK", "INTERLEAVED", "DROPOUT", "QK_NORM", "ROPE"],
-    interpret_config=dict(BLOCK_M=32, BLOCK_N=32),
+    interpret_config=dict(BLOCK_M=32, BLOCK_N=32, TAIL_N=0),
     keep=lambda meta, flags: forward_fits(meta, flags),
     pending=("attention_tail", lambda meta: meta.get("TAIL_N", 0) > 0),
     arg_types=ATTENTION_TYPES, aligned=ALIGNED,
