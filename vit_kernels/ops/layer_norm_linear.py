@@ -41,6 +41,7 @@ from .linear import (
     WEIGHT_ARGS,
     check_public_linear,
     chunk_stats,
+    fake_output,
     gemm_launch,
     later_blocks,
     linear,
@@ -86,8 +87,7 @@ def layer_norm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor | None, norm
 @layer_norm_linear_op.register_fake
 def _(x, norm_weight, norm_bias, eps, stats, weight, bias, activation, scale, residual, deinterleave, dropout, seed,
       branch_scale, weight2, weight3, bias2, bias3):
-    return x.new_empty((x.shape[0], out_features([w.shape[0] for w in present(weight, weight2, weight3)],
-                                                 activation)))
+    return fake_output(x, activation, weight, weight2, weight3)
 
 
 # argument positions in layer_norm_linear_op -> linear_op's (for linear_backward's needs_input_grad)

@@ -553,11 +553,15 @@ def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
                          weight2, weight3, bias2, bias3)
 
 
+def fake_output(x, activation, *weights):
+    """The GEMM's output for fake tensors: [M, out_features] of the present weight blocks, in x's dtype."""
+    return x.new_empty((x.shape[0], out_features([w.shape[0] for w in present(*weights)], activation)))
+
+
 @linear_op.register_fake
 def _(x, weight, bias, activation, scale, residual, deinterleave, dropout=0.0, seed=None, branch_scale=None,
       weight2=None, weight3=None, bias2=None, bias3=None):
-    return x.new_empty((x.shape[0], out_features([w.shape[0] for w in present(weight, weight2, weight3)],
-                                                 activation)))
+    return fake_output(x, activation, weight, weight2, weight3)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -599,9 +603,8 @@ def linear_with_stats_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 @linear_with_stats_op.register_fake
 def _(x, weight, bias, activation, scale, residual, deinterleave, dropout=0.0, seed=None, branch_scale=None,
       weight2=None, weight3=None, bias2=None, bias3=None):
-    n = out_features([w.shape[0] for w in present(weight, weight2, weight3)], activation)
-    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], triton.cdiv(n, STATS_CHUNK), 2),
-                                                     dtype=torch.float32)
+    out = fake_output(x, activation, weight, weight2, weight3)
+    return out, x.new_empty((x.shape[0], triton.cdiv(out.shape[1], STATS_CHUNK), 2), dtype=torch.float32)
 
 
 def _linear_with_stats_setup(ctx, inputs, output):
@@ -728,9 +731,9 @@ def chunk_stats(y: torch.Tensor) -> torch.Tensor:
     mean and the sum of squared deviations of each STATS_CHUNK-column chunk of each row (last chunk: the rest)."""
     y = y.float()
     chunks = y.split(STATS_CHUNK, dim=1)
-    means = torch.stack([c.mean(1) for c in chunks], 1)
-    m2 = torch.stack([((c - c.mean(1, keepdim=True)) ** 2).sum(1) for c in chunks], 1)
-    return torch.stack([means, m2], 2)
+    means = [c.mean(1, keepdim=True) for c in chunks]
+    m2 = [((c - mean) ** 2).sum(1, keepdim=True) for c, mean in zip(chunks, means)]
+    return torch.stack([torch.cat(means, 1), torch.cat(m2, 1)], 2)
 
 
 # --- registry entry ----------------------------------------------------------------------------------------
