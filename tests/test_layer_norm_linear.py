@@ -2,6 +2,8 @@
 residual-stream-like inputs (large per-row means, a few large channels), every epilogue, odd widths, eps values,
 dtypes, statistics from the producing GEMM (ops.linear(..., norm_stats=True)) or from the kernel's own pass;
 dropout masks; gradients of every input; bad inputs; the fused models' five launches per block."""
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -309,14 +311,16 @@ def test_vit_b_sizes_bf16_on_gpu(n, activation):
         assert_matches(got, lowp, expected)
 
 
-def test_first_use_guard_compares_once_and_falls_back_on_disagreement(monkeypatch):
-    """Until the GPU suite has passed on a real card, each key's first run is compared with the proven path (GPU
-    only; forced here): agreement keeps the new path, disagreement warns and serves the proven one from then on."""
+def test_selector_compares_times_once_and_falls_back(monkeypatch):
+    """On a GPU (forced here) each key's first call runs both paths without dropout: the new path serves the key
+    only if it agrees with the proven one (until validated) and the timer (a fake here) says it is faster; a
+    disagreement warns. Results are the same whichever path wins: both compute the same function."""
     from vit_kernels.ops import guard
 
-    monkeypatch.setattr(guard, "needs_check", lambda name, x: True)
+    calls, times = [], {"new": 1.0, "proven": 2.0}
+    monkeypatch.setattr(guard, "on_gpu", lambda x: True)
+    monkeypatch.setattr(guard, "time_ms", lambda fn: (fn(), times[calls[-1][0]])[1])
     guard.reset()
-    calls = []
 
     def make(tag, value):
         def run(p):
@@ -326,19 +330,33 @@ def test_first_use_guard_compares_once_and_falls_back_on_disagreement(monkeypatc
 
     x = torch.zeros(1)
     assert torch.equal(guard.choose("good", lambda: "k", x, make("new", 1.0), make("proven", 1.0), 0.3), torch.ones(3))
-    assert calls == [("proven", 0.0), ("new", 0.0), ("new", 0.3)]  # compared without dropout, then run with it
+    # compared and timed without dropout, then run with it
+    assert calls == [("new", 0.0), ("proven", 0.0), ("new", 0.0), ("proven", 0.0), ("new", 0.3)]
     calls.clear()
     guard.choose("good", lambda: "k", x, make("new", 1.0), make("proven", 1.0), 0.3)
-    assert calls == [("new", 0.3)]  # checked once per key
-    with pytest.warns(RuntimeWarning, match="bad disagreed with its proven path"):
+    assert calls == [("new", 0.3)]  # decided once per key
+    times["new"] = 3.0  # slower: the proven path serves the key, with the same result
+    calls.clear()
+    assert torch.equal(guard.choose("good", lambda: "k2", x, make("new", 1.0), make("proven", 1.0)), torch.ones(3))
+    assert calls[-1] == ("proven", 0.0) and guard.verdicts()[("good", "k2")] is False
+    times["new"] = 1.0
+    with pytest.warns(RuntimeWarning, match="bad path disagreed with the proven one"):
         assert torch.equal(guard.choose("bad", lambda: "k", x, make("new", 9.0), make("proven", 1.0)), torch.ones(3))
-    assert guard.verdicts() == {("good", "k"): True, ("bad", "k"): False}
+    assert guard.verdicts() == {("good", "k"): True, ("good", "k2"): False, ("bad", "k"): False}
     calls.clear()
     guard.choose("bad", lambda: "k", x, make("new", 9.0), make("proven", 1.0))
     assert calls == [("proven", 0.0)]
     nan = torch.full((3,), float("nan"))
     with pytest.warns(RuntimeWarning):
         guard.choose("nan", lambda: "k", x, lambda p: nan, make("proven", 1.0))
+    monkeypatch.setattr(guard, "VALIDATED_ON_GPU", frozenset({"validated"}))
+    calls.clear()
+    guard.choose("validated", lambda: "k", x, make("new", 9.0), make("proven", 1.0))
+    assert calls == [("new", 0.0), ("proven", 0.0), ("new", 0.0)]  # validated: timed, not compared
+    monkeypatch.setattr(guard, "undecidable", lambda: True)  # tracing or capturing: the proven path, undecided
+    calls.clear()
+    guard.choose("good", lambda: "k3", x, make("new", 1.0), make("proven", 1.0))
+    assert calls == [("proven", 0.0)] and ("good", "k3") not in guard.verdicts()
     guard.reset()
 
 
@@ -347,7 +365,9 @@ def test_models_check_the_fused_path_against_the_unfused_ops(monkeypatch, device
     fused path that disagrees is dropped with a warning and the model still returns the reference's output."""
     from vit_kernels.ops import guard
 
-    monkeypatch.setattr(guard, "needs_check", lambda name, x: True)
+    monkeypatch.setattr(guard, "on_gpu", lambda x: True)
+    order = itertools.cycle([1.0, 2.0])  # the selector times the new path first: it wins
+    monkeypatch.setattr(guard, "time_ms", lambda fn: next(order))
     guard.reset()
     ref, fast = twin(device)
     x = torch.randn(2, ODD["in_channels"], ODD["img_size"], ODD["img_size"], device=device)
@@ -358,7 +378,7 @@ def test_models_check_the_fused_path_against_the_unfused_ops(monkeypatch, device
         guard.reset()
         real = ops.layer_norm_linear
         monkeypatch.setattr(ops, "layer_norm_linear", lambda *a, **k: real(*a, **k) + 1.0)
-        with pytest.warns(RuntimeWarning, match="layer_norm_linear disagreed"):
+        with pytest.warns(RuntimeWarning, match="layer_norm_linear path disagreed"):
             got = fast(x)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         assert guard.verdicts() and not any(guard.verdicts().values())

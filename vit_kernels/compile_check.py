@@ -8,6 +8,7 @@ vit_kernels.compile_check`` takes care of that by running in a fresh process).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -44,6 +45,10 @@ def _signature(launcher, constexprs, dtype):
         sig[name] = launcher.arg_types.get(name, default)
         if sig[name].startswith("*") or name in launcher.aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
+    defaults = {name: p.default for name, p in inspect.signature(kernel.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    constexprs.update({p.name: defaults[p.name] for p in kernel.params
+                       if p.is_constexpr and p.name not in constexprs and p.name in defaults})
     missing = [p.name for p in kernel.params if p.is_constexpr and p.name not in constexprs]
     if missing:
         raise ValueError(f"no value for constexpr {missing} of {kernel.__name__}")

@@ -198,6 +198,121 @@ def tl_attend_keys(acc, m_i, l_i, q, cols, offs_m, row_ok, k_base, v_base, d_off
                            keep_scale, bh, EVEN, DROPOUT, DOT_PRECISION)
 
 
+# --- one program per (batch, head): K and V loaded once, every query tile served from them ------------------
+# For N <= RESIDENT_MAX_N the keys are held as up to three power-of-two pieces A, B, C (N rounded up to 16 =
+# A + B + C, e.g. 197 -> 128 + 64 + 16): every query tile's scores over all keys exist at once, so the softmax
+# is exact in one step (no running max, no rescale) and only the last piece is bounds-checked.
+@triton.jit
+def tl_resident_keys(k_base, v_base, start, d_off, d_mask, N, stride_n, WIDTH: tl.constexpr, LAST: tl.constexpr):
+    """(key indices, K^T [BLOCK_D, WIDTH], V [WIDTH, BLOCK_D]) of keys start .. start + WIDTH; LAST: the piece
+    that crosses N (bounds-checked)."""
+    cols = start + tl.arange(0, WIDTH)
+    ok = (cols[:, None] < N) & d_mask[None, :] if LAST else d_mask[None, :]
+    rows = cols[:, None] * stride_n + d_off[None, :]
+    return cols, tl.trans(tl.load(k_base + rows, mask=ok, other=0.0)), tl.load(v_base + rows, mask=ok, other=0.0)
+
+
+@triton.jit
+def tl_piece_scores(q, k_t, cols, mask_rows, row_ok, N, qk_scale, HAS_MASK: tl.constexpr, LAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Scores of q against one key piece in log2 units, -inf where a key is masked or (LAST) past N."""
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION, out_dtype=tl.float32) * qk_scale
+    if HAS_MASK or LAST:
+        s = tl.where(tl_allowed_keys(mask_rows, row_ok, cols, N, HAS_MASK), s, float("-inf"))
+    return s
+
+
+@triton.jit
+def tl_piece_values(acc, s, m, v, rows, cols, seed, dropout_p, keep_scale, bh, DROPOUT: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """(acc + P V, the piece's row sums of P) with P = exp2(s - m) (undropped sums: the normalizer)."""
+    p = tl.exp2(s - m[:, None])
+    total = tl.sum(p, axis=1)
+    if DROPOUT:
+        p = tl_apply_dropout(p, seed, rows, cols, bh, dropout_p, keep_scale)
+    return tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32), total
+
+
+@triton.jit
+def tl_resident_rows(rows, q_base, mask_head, out_rows, lse_rows, d_off, d_mask, offs_d, N, stride_n, stride_mq,
+                     stride_on, qk_scale, out_scale, seed, dropout_p, keep_scale, bh, k_base, v_base,
+                     KV_A: tl.constexpr, KV_B: tl.constexpr, KV_C: tl.constexpr, CHECKED: tl.constexpr,
+                     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, STORE_LSE: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Attention of the query rows ``rows`` (CHECKED: some may be past N) over the key pieces (KV_B/KV_C = 0:
+    absent). The piece loads do not depend on the rows: the compiler keeps them resident across the query
+    loop (hoisted), so K and V are read once per program."""
+    row_ok = rows < N
+    q_ok = row_ok[:, None] & d_mask[None, :] if CHECKED else d_mask[None, :]
+    q = tl.load(q_base + rows[:, None] * stride_n + d_off[None, :], mask=q_ok, other=0.0)
+    mask_rows = mask_head + rows[:, None].to(tl.int64) * stride_mq
+    cols_a, k_a, v_a = tl_resident_keys(k_base, v_base, 0, d_off, d_mask, N, stride_n, KV_A, KV_B == 0)
+    if KV_B > 0:
+        cols_b, k_b, v_b = tl_resident_keys(k_base, v_base, KV_A, d_off, d_mask, N, stride_n, KV_B, KV_C == 0)
+    if KV_C > 0:
+        cols_c, k_c, v_c = tl_resident_keys(k_base, v_base, KV_A + KV_B, d_off, d_mask, N, stride_n, KV_C, True)
+    s_a = tl_piece_scores(q, k_a, cols_a, mask_rows, row_ok, N, qk_scale, HAS_MASK, KV_B == 0, DOT_PRECISION)
+    m = tl.max(s_a, axis=1)
+    if KV_B > 0:
+        s_b = tl_piece_scores(q, k_b, cols_b, mask_rows, row_ok, N, qk_scale, HAS_MASK, KV_C == 0, DOT_PRECISION)
+        m = tl.maximum(m, tl.max(s_b, axis=1))
+    if KV_C > 0:
+        s_c = tl_piece_scores(q, k_c, cols_c, mask_rows, row_ok, N, qk_scale, HAS_MASK, True, DOT_PRECISION)
+        m = tl.maximum(m, tl.max(s_c, axis=1))
+    m = tl.where(m == float("-inf"), 0.0, m)  # a row with no allowed key: P = 0 everywhere, not NaN
+    acc = tl.zeros((rows.shape[0], BLOCK_D), dtype=tl.float32)
+    acc, l_i = tl_piece_values(acc, s_a, m, v_a, rows, cols_a, seed, dropout_p, keep_scale, bh, DROPOUT,
+                               DOT_PRECISION)
+    if KV_B > 0:
+        acc, l_b = tl_piece_values(acc, s_b, m, v_b, rows, cols_b, seed, dropout_p, keep_scale, bh, DROPOUT,
+                                   DOT_PRECISION)
+        l_i += l_b
+    if KV_C > 0:
+        acc, l_c = tl_piece_values(acc, s_c, m, v_c, rows, cols_c, seed, dropout_p, keep_scale, bh, DROPOUT,
+                                   DOT_PRECISION)
+        l_i += l_c
+    out = acc * (out_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
+    o_ok = row_ok[:, None] & d_mask[None, :] if CHECKED else d_mask[None, :]
+    tl.store(out_rows + rows[:, None] * stride_on + offs_d[None, :], out.to(out_rows.dtype.element_ty), mask=o_ok)
+    if STORE_LSE:  # as the tiled kernel: m + log2(l), -inf for a row with nothing to attend to
+        lse = tl.where(l_i == 0.0, float("-inf"), m + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(lse_rows + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def tl_attention_resident(qkv_ptr, mask_ptr, out_ptr, lse_ptr, N, H, E, qk_scale, out_scale, seed, dropout_p,
+                          keep_scale, stride_b, stride_n, stride_mb, stride_mh, stride_mq, stride_ob, stride_on,
+                          D: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                          STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_D: tl.constexpr, TAIL_M: tl.constexpr, Q_SPLIT: tl.constexpr, KV_A: tl.constexpr,
+                          KV_B: tl.constexpr, KV_C: tl.constexpr):
+    """Program (batch x head) * Q_SPLIT + part: loads the head's K and V pieces once, then serves query tiles
+    part, part + Q_SPLIT, ...: whole BLOCK_M tiles without bounds checks, the last N % BLOCK_M queries in
+    TAIL_M-row tiles."""
+    pid = tl.program_id(0)
+    bh = pid // Q_SPLIT
+    part = pid % Q_SPLIT
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q_base, k_base, v_base, d_off = tl_qkv_bases(qkv_ptr, b, h, E, stride_b, offs_d, D, INTERLEAVED)
+    mask_head = mask_ptr + b * stride_mb + h * stride_mh
+    out_rows = out_ptr + b * stride_ob + h * D
+    lse_rows = lse_ptr + bh.to(tl.int64) * N
+    body_end = N - N % BLOCK_M
+    for start in range(part * BLOCK_M, body_end, Q_SPLIT * BLOCK_M):
+        tl_resident_rows(start + tl.arange(0, BLOCK_M), q_base, mask_head, out_rows, lse_rows, d_off, d_mask,
+                         offs_d, N, stride_n, stride_mq, stride_on, qk_scale, out_scale, seed, dropout_p,
+                         keep_scale, bh, k_base, v_base, KV_A, KV_B, KV_C, False,
+                         HAS_MASK, DROPOUT, STORE_LSE, DOT_PRECISION, BLOCK_D)
+    for start in range(body_end + part * TAIL_M, N, Q_SPLIT * TAIL_M):
+        tl_resident_rows(start + tl.arange(0, TAIL_M), q_base, mask_head, out_rows, lse_rows, d_off, d_mask,
+                         offs_d, N, stride_n, stride_mq, stride_on, qk_scale, out_scale, seed, dropout_p,
+                         keep_scale, bh, k_base, v_base, KV_A, KV_B, KV_C, True,
+                         HAS_MASK, DROPOUT, STORE_LSE, DOT_PRECISION, BLOCK_D)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, qw_ptr, qb_ptr, kw_ptr, kb_ptr, cos_ptr, sin_ptr,
                           N, H, E, qk_scale, out_scale, eps, seed, dropout_p, keep_scale,
@@ -207,11 +322,21 @@ def _attention_fwd_kernel(qkv_ptr, mask_ptr, out_ptr, lse_ptr, qw_ptr, qb_ptr, k
                           STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           QK_NORM: tl.constexpr = 0, NORM_WEIGHT: tl.constexpr = False,
-                          NORM_BIAS: tl.constexpr = False, ROPE: tl.constexpr = 0, TAIL_N: tl.constexpr = 0):
+                          NORM_BIAS: tl.constexpr = False, ROPE: tl.constexpr = 0, TAIL_N: tl.constexpr = 0,
+                          RESIDENT: tl.constexpr = False, TAIL_M: tl.constexpr = 16, Q_SPLIT: tl.constexpr = 1,
+                          KV_A: tl.constexpr = 0, KV_B: tl.constexpr = 0, KV_C: tl.constexpr = 0):
     """QK_NORM: 0 off, 1 LayerNorm, 2 RMSNorm (NORM_WEIGHT/NORM_BIAS: parameters given); ROPE: 0 off,
     1 interleaved, 2 half. q and k are then transformed as loaded (see tl_qk_columns).
     TAIL_N (plain q and k only): the keys in whole BLOCK_N tiles with no bounds checks, the rest in TAIL_N-wide
-    tiles: at N = 197 and BLOCK_N = 64, 208 key columns computed instead of 256."""
+    tiles: at N = 197 and BLOCK_N = 64, 208 key columns computed instead of 256.
+    RESIDENT (plain q and k, N <= RESIDENT_MAX_N; the host passes the key pieces KV_A/B/C): one program per
+    (batch, head) and Q_SPLIT part (see tl_attention_resident); BLOCK_N is unused."""
+    if RESIDENT:
+        tl_attention_resident(qkv_ptr, mask_ptr, out_ptr, lse_ptr, N, H, E, qk_scale, out_scale, seed, dropout_p,
+                              keep_scale, stride_b, stride_n, stride_mb, stride_mh, stride_mq, stride_ob, stride_on,
+                              D, INTERLEAVED, HAS_MASK, DROPOUT, STORE_LSE, DOT_PRECISION, BLOCK_M, BLOCK_D, TAIL_M,
+                              Q_SPLIT, KV_A, KV_B, KV_C)
+        return
     bh, b, h, offs_m, row_ok, q, k_base, v_base, d_off, d_mask, mask_rows = tl_query_tile(
         qkv_ptr, mask_ptr, N, H, E, stride_b, stride_n, stride_mb, stride_mh, stride_mq, D, INTERLEAVED, BLOCK_M,
         BLOCK_D)
@@ -424,16 +549,48 @@ def transforms_qk(flags: dict) -> bool:
     return bool(flags.get("QK_NORM") or flags.get("ROPE"))
 
 
+# the keys one program holds spill-free (compile check, sm_90, head_dim <= 64): 208 with 4 warps (ViT-B/16's
+# 197), 272 with 8 (ViT-L/14's 257, 261 with registers)
+RESIDENT_KEYS = {4: 208, 8: 272}
+RESIDENT_MAX_N = max(RESIDENT_KEYS.values())
+RESIDENT_MAX_D = 64
+
+
+def resident_pieces(tokens: int) -> dict:
+    """KV_A/KV_B/KV_C for the resident tiling: ``tokens`` rounded up to 16 split into at most three power-of-two
+    pieces, the last rounded up (197 -> 128 + 64 + 16, 240 -> 128 + 64 + 64); all 0 past RESIDENT_MAX_N."""
+    pieces = []
+    rest = triton.cdiv(tokens, 16) * 16 if 0 < tokens <= RESIDENT_MAX_N else 0
+    while rest and len(pieces) < 3:
+        piece = triton.next_power_of_2(rest) if len(pieces) == 2 else 1 << (rest.bit_length() - 1)
+        pieces.append(piece)
+        rest = max(0, rest - piece)
+    pieces += [0] * (3 - len(pieces))
+    return dict(KV_A=pieces[0], KV_B=pieces[1], KV_C=pieces[2])
+
+
 def forward_fits(meta: dict, flags: dict) -> bool:
     """Forward tilings that compile spill-free (compile check, sm_80/sm_90): 128-wide key tiles spill with a
     mask tile, head_dim > 64 or dropout's Philox. With qk-norm/RoPE every key tile is transformed in registers:
-    128 x 64 for head_dim <= 64, 32-wide key tiles (their own configs) above."""
+    128 x 64 for head_dim <= 64, 32-wide key tiles (their own configs) above. The resident tiling: plain q/k,
+    head_dim <= 64, at most RESIDENT_KEYS keys for its warps, no mask or dropout, the (qkv h d) layout;
+    sm_90 only (resident_fits_arch)."""
+    if meta.get("RESIDENT"):  # the mask's loads, Philox and the stride-3 gathers of (h d qkv) spill it
+        plain = not (transforms_qk(flags) or flags.get("HAS_MASK") or flags.get("DROPOUT") or flags.get("INTERLEAVED"))
+        keys = flags.get("KV_A", 0) + flags.get("KV_B", 0) + flags.get("KV_C", 0)
+        fits = 0 < keys <= RESIDENT_KEYS.get(meta.get("num_warps"), RESIDENT_MAX_N)
+        return plain and fits and flags.get("BLOCK_D", 0) <= RESIDENT_MAX_D
     tiles = (meta["BLOCK_M"], meta["BLOCK_N"])
     if transforms_qk(flags):
         return not meta.get("TAIL_N") and tiles in (((128, 64),) if flags.get("BLOCK_D", 0) <= 64
                                                     else ((128, 32), (64, 32)))
     heavy = flags.get("HAS_MASK") or flags.get("BLOCK_D", 0) > 64 or flags.get("DROPOUT")
     return meta["BLOCK_N"] in (64, 128) and (meta["BLOCK_N"] <= 64 or not heavy)
+
+
+def resident_fits_arch(meta: dict, flags: dict, arch: int) -> bool:
+    """The resident tiling holds ~250 registers per thread: spill-free on sm_90, spilling on sm_80."""
+    return not meta.get("RESIDENT") or arch >= 90
 
 
 def backward_fits(meta: dict, flags: dict) -> bool:
@@ -467,11 +624,18 @@ ATTENTION = Tuned(
         config(8, 3, BLOCK_M=128, BLOCK_N=64, TAIL_N=16),
         config(8, 2, BLOCK_M=128, BLOCK_N=128, TAIL_N=32),
         config(4, 2, BLOCK_M=64, BLOCK_N=128, TAIL_N=32),
+        # ViT lengths: one program per (batch, head, Q_SPLIT part) with K and V loaded once (BLOCK_N unused)
+        config(4, 1, BLOCK_M=64, BLOCK_N=64, RESIDENT=True, TAIL_M=16, Q_SPLIT=1),
+        config(8, 2, BLOCK_M=64, BLOCK_N=64, RESIDENT=True, TAIL_M=16, Q_SPLIT=1),
+        config(8, 1, BLOCK_M=128, BLOCK_N=64, RESIDENT=True, TAIL_M=16, Q_SPLIT=1),
+        config(4, 2, BLOCK_M=64, BLOCK_N=64, RESIDENT=True, TAIL_M=16, Q_SPLIT=4),  # small batches fill the card
     ],
     key=["N", "D", "HAS_MASK", "INTERLEAVED", "DROPOUT", "QK_NORM", "ROPE"],
     interpret_config=dict(BLOCK_M=32, BLOCK_N=32, TAIL_N=0),
     keep=lambda meta, flags: forward_fits(meta, flags),
-    pending=("attention_tail", lambda meta: meta.get("TAIL_N", 0) > 0),
+    arch_keep=resident_fits_arch,
+    outputs=("out_ptr", "lse_ptr"),
+    pending=("attention_short", lambda meta: meta.get("TAIL_N", 0) > 0 or meta.get("RESIDENT", False)),
     arg_types=ATTENTION_TYPES, aligned=ALIGNED,
     quiet_fp=("divide",),  # log2(0) of out-of-range query rows, stored masked
 )
@@ -539,6 +703,8 @@ def attention_launch(qkv, mask, num_heads, layout, scaling, dropout=0.0, seed=No
     B, N, E3 = qkv.shape
     E = E3 // 3
     D = E // num_heads
+    if config is not None and config.kwargs.get("RESIDENT") and not 0 < N <= RESIDENT_MAX_N:
+        raise ValueError(f"the resident attention tiling holds at most {RESIDENT_MAX_N} tokens, got {N}")
     out = new_output((B, N, E), qkv.device, qkv.dtype)
     lse = new_output((B * num_heads, N), qkv.device, torch.float32)
     if B * N:
@@ -547,12 +713,12 @@ def attention_launch(qkv, mask, num_heads, layout, scaling, dropout=0.0, seed=No
                                                              k_norm_bias, qk_norm, qk_norm_eps, rope_cos, rope_sin,
                                                              rope_layout)
         ATTENTION.launch(
-            lambda meta: attention_grid(B, num_heads, N, meta["BLOCK_M"]),
+            lambda meta: attention_grid(B, num_heads, N, meta["BLOCK_M"], meta.get("RESIDENT") and meta["Q_SPLIT"]),
             qkv, qkv if mask is None else mask, out, lse, *params, N, num_heads, E, qk_scale, out_scale, eps,
             *dropout_args(dropout, seed), qkv.stride(0), qkv.stride(1), *mask_strides(mask), out.stride(0),
             out.stride(1), *rope_strides, D=D, INTERLEAVED=layout == "h d qkv", HAS_MASK=mask is not None,
             DROPOUT=dropout > 0, STORE_LSE=True, DOT_PRECISION=dot_precision(qkv.dtype),
-            BLOCK_D=head_tile(D), config=config, **qk_flags)
+            BLOCK_D=head_tile(D), config=config, **qk_flags, **resident_pieces(N))
     return out, lse
 
 
@@ -602,9 +768,10 @@ def attention_backward(dout, qkv, out, lse, mask, num_heads, layout, scaling, dr
     return dqkv, torch.cat([dq_params, dk_params])
 
 
-def attention_grid(batch: int, heads: int, tokens: int, block_m: int) -> tuple:
-    """One program per (batch, head, query tile), flattened onto axis 0: batch x heads may pass 65,535."""
-    return launch_grid(batch * heads * triton.cdiv(tokens, block_m))
+def attention_grid(batch: int, heads: int, tokens: int, block_m: int, q_split: int = 0) -> tuple:
+    """One program per (batch, head, query tile), or with ``q_split`` (the resident tiling) per (batch, head,
+    part), flattened onto axis 0: batch x heads may pass 65,535."""
+    return launch_grid(batch * heads * (q_split or triton.cdiv(tokens, block_m)))
 
 
 def contiguous_key_mask(mask, N):
@@ -888,7 +1055,12 @@ FORWARD_VARIANTS = tuple(  # dropout variants at head_dim 64, both layouts
     for d in (16, 24, 64, 80, 128) for mask in (False, True) for inter in (False, True) for lse in (False, True)
     for drop in (False, True)
     if (d == 64 or not (mask or inter)) and (not lse or d in (64, 80)) and (not drop or (d == 64 and lse))
-) + tuple(dict(v, STORE_LSE=True) for v in QK_VARIANTS)
+) + tuple(dict(v, STORE_LSE=True) for v in QK_VARIANTS) + tuple(  # the resident tiling at ViT lengths
+    dict(HAS_MASK=mask, D=d, BLOCK_D=head_tile(d), INTERLEAVED=inter, STORE_LSE=True, DROPOUT=drop,
+         DOT_PRECISION="tf32", **QK_OFF, **resident_pieces(tokens))
+    for tokens, d, mask, inter, drop in ((197, 64, False, False, False), (257, 64, False, False, False),
+                                         (50, 64, False, False, False), (197, 32, False, False, False),
+                                         (100, 64, False, False, False)))
 BACKWARD_VARIANTS = tuple(
     dict(HAS_MASK=mask, D=d, BLOCK_D=head_tile(d), INTERLEAVED=inter, DQ=dq, DROPOUT=drop, DOT_PRECISION="tf32",
          **QK_OFF)
@@ -1018,8 +1190,9 @@ register(OpSpec(
     summary="flash attention (online softmax, no N x N matrix) reading the fused qkv buffer in place, both qkv "
             "layouts, both scalings, odd token counts, any head_dim <= 256, optional boolean mask, dropout on "
             "the probabilities; qk-norm (LayerNorm/RMSNorm per head) and 2D RoPE (EVA's interleaved or DINOv3's "
-            "half layout) applied to q and k in its prologue, forward and backward; a forward tiling for ViT "
-            "lengths (whole key tiles unchecked, a narrow tail; autotuned once a GPU round validates it)",
+            "half layout) applied to q and k in its prologue, forward and backward; forward tilings for ViT "
+            "lengths (whole key tiles unchecked and a narrow tail, or one program per head with K and V loaded "
+            "once and a one-step softmax), screened against the proven tiling, then timed by the autotuner",
     kernels=(KernelGrid(ATTENTION, FORWARD_VARIANTS), KernelGrid(ATTENTION_BACKWARD, BACKWARD_VARIANTS)),
     custom_ops=(attention_op, attention_backward_op),
     opcheck_samples=_opcheck_samples,

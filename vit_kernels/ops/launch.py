@@ -29,6 +29,16 @@ def config(num_warps: int, num_stages: int, **meta) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
+def meta_of(cfg: triton.Config) -> dict:
+    """What ``keep``/``arch_keep`` rules see of a config: its meta-parameters, num_warps and num_stages."""
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def config_label(cfg: triton.Config) -> str:
+    """A config's meta-parameters, warps and stages as text (how screening results name configs)."""
+    return f"{sorted(cfg.kwargs.items())} warps={cfg.num_warps} stages={cfg.num_stages}"
+
+
 def new_output(shape, device, dtype) -> torch.Tensor:
     """Allocate a kernel's output: uninitialized, or NaN-filled under VIT_KERNELS_POISON=1."""
     if POISON:
@@ -145,7 +155,8 @@ class Tuned(Kernel):
     """A jit kernel plus its bounded autotune configs.
 
     On a GPU, launches go through ``triton.autotune`` keyed on the shape arguments; in the interpreter
-    (which cannot time anything) the fixed ``interpret_config`` is used. ``keep(meta, flags)`` drops configs
+    (which cannot time anything) the fixed ``interpret_config`` is used. ``keep(meta, flags)`` (meta: see
+    ``meta_of``) drops configs
     that a variant cannot use (e.g. tiles that would spill registers with a heavy epilogue), and
     ``arch_keep(meta, flags, arch)`` those it cannot use on one GPU generation (compute capability ``arch``:
     80, 90; e.g. a tile that fits Hopper's registers but spills on Ampere); the sm_80/sm_90 compile check
@@ -153,26 +164,52 @@ class Tuned(Kernel):
     """
 
     def __init__(self, name, kernel, configs, key, interpret_config: dict, keep=None, arch_keep=None, pending=None,
-                 **kwargs):
+                 outputs=(), **kwargs):
         super().__init__(name, kernel, **kwargs)
         self.configs = configs
+        self.key = tuple(key)
         self.interpret_config = interpret_config
         self.keep = keep or (lambda meta, flags: True)
         self.arch_keep = arch_keep or (lambda meta, flags, arch: True)
-        self.pending = pending  # (validation name, meta -> bool): configs autotune skips until validated
+        # pending = (validation name, meta -> bool): new configs, screened (guard.screen) on the arguments named
+        # in ``outputs`` before they may join the autotuner, until guard.VALIDATED_ON_GPU names them
+        self.pending = pending
+        self.outputs = tuple(outputs)
         self.tuned = triton.autotune(configs=configs, key=key, prune_configs_by={
             "early_config_prune": lambda configs, named_args, **flags: self.configs_for(
-                flags, configs, arch=device_arch(named_args), autotuning=True)})(kernel)
+                flags, configs, arch=device_arch(named_args), autotuning=True,
+                screen_key=self.screen_key({**named_args, **flags}))})(kernel)
 
-    def configs_for(self, flags: dict, configs=None, arch: int | None = None, autotuning: bool = False) -> list:
-        """The configs for ``flags`` (and GPU generation ``arch``). ``autotuning``: also without the pending
-        configs (a new variant no real GPU has validated: compiled by the check and run pinned by the GPU
-        tests, autotuned only once ``guard.VALIDATED_ON_GPU`` names it)."""
+    def configs_for(self, flags: dict, configs=None, arch: int | None = None, autotuning: bool = False,
+                    screen_key=None) -> list:
+        """The configs for ``flags`` (and GPU generation ``arch``). ``autotuning``: without the pending configs
+        (compiled by the check, run pinned by the GPU tests) unless validated or, for the problem
+        ``screen_key``, screened and agreeing."""
         kept = [c for c in (configs or self.configs)
-                if self.keep(c.kwargs, flags) and (arch is None or self.arch_keep(c.kwargs, flags, arch))]
+                if self.keep(meta_of(c), flags) and (arch is None or self.arch_keep(meta_of(c), flags, arch))]
         if autotuning and self.pending is not None and self.pending[0] not in guard.VALIDATED_ON_GPU:
-            kept = [c for c in kept if not self.pending[1](c.kwargs)]
+            agreed = guard.screened(self.pending[0], screen_key)
+            kept = [c for c in kept if not self.pending[1](c.kwargs) or config_label(c) in agreed]
         return kept
+
+    def screen_key(self, named_args: dict) -> tuple:
+        """What the autotuner keys a launch on (its key arguments, the tensors' dtypes) plus the GPU."""
+        tensors = [v for v in named_args.values() if isinstance(v, torch.Tensor)]
+        return (tuple(named_args.get(k) for k in self.key), tuple(str(t.dtype) for t in tensors),
+                device_arch(named_args))
+
+    def _screen(self, grid, args, kwargs) -> None:
+        """Screen the pending configs for this launch's problem once, before the autotuner first sees it."""
+        named = {**dict(zip(inspect.signature(self.kernel.fn).parameters, args)), **kwargs}
+        key = self.screen_key(named)
+        if not guard.needs_screening(self.pending[0], key):
+            return
+        kept = self.configs_for(kwargs, arch=device_arch(named))
+        proven = [c for c in kept if not self.pending[1](c.kwargs)]
+        candidates = [c for c in kept if self.pending[1](c.kwargs)]
+        if proven and candidates:
+            guard.screen(self.pending[0], key, lambda c: Kernel.launch(self, grid, *args, config=c, **kwargs),
+                         [named[name] for name in self.outputs], proven[0], candidates, config_label)
 
     def launch(self, grid, *args, config: triton.Config | None = None, **kwargs) -> None:
         """``config`` pins one config instead of autotuning, on a GPU and in the interpreter alike."""
@@ -184,5 +221,7 @@ class Tuned(Kernel):
                 meta = dict(self.interpret_config)
                 self.kernel[grid(meta)](*args, **kwargs, **meta)
             else:
+                if self.pending is not None:
+                    self._screen(grid, args, kwargs)
                 self.tuned[grid](*args, **kwargs)
         return None
