@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import guard
+from ..ops.linear import as_blocks
 from .patching import patch
 
 AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
@@ -239,17 +240,13 @@ def norm_linear(x, norm, weight, bias, cast, *, stats=None, **linear_kwargs):
         return ops.layer_norm_linear(x, cast(norm.weight), cast(norm.bias), cast(weight), cast(bias), eps=norm.eps,
                                      stats=stats, dropout=p, **linear_kwargs)
 
-    # until the GPU suite has passed on a real card, its first run per shape is checked against the unfused ops
-    def key():  # what a disagreement could depend on: shapes, dtype, the statistics' source, the epilogue
-        return (tuple(x.shape[1:]), x.dtype, tuple(t.shape[0] for t in _blocks(weight)), stats is not None,
+    # on a GPU the first call per problem times both (and compares them until validated): guard.choose
+    def key():  # what the speed or a disagreement depends on: shapes, dtype, the statistics' source, the epilogue
+        return (tuple(x.shape), x.dtype, tuple(t.shape[0] for t in as_blocks(weight, None)[0]), stats is not None,
                 tuple(sorted((k, v if isinstance(v, (str, int, float)) or v is None else "tensor")
                              for k, v in linear_kwargs.items())))
 
     return guard.choose("layer_norm_linear", key, x, fused, unfused, dropout)
-
-
-def _blocks(weight) -> tuple:
-    return tuple(weight) if isinstance(weight, (tuple, list)) else (weight,)
 
 
 def encoder_block(x, norm1, qkv, proj, norm2, fc1, fc2, cast, *, num_heads, qkv_interleaved, scaling, mask=None,
