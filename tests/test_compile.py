@@ -40,3 +40,25 @@ def test_arch_rules_skip_a_config_only_where_its_launcher_never_uses_it(results)
     for index, case in enumerate(compile_check.cases()):
         label, used_on = case[0], case[6]
         assert {r["arch"] for r in by_case[label] if not r.get("skipped")} == {f"sm_{a}" for a in used_on}, index
+
+
+def test_sass_shows_each_engine(results):
+    """The TMA engine's sm_90 code loads through TMA (UTMALDG), stores through TMA (UTMASTG), multiplies with
+    warpgroup MMAs (HGMMA) and issues no cp.async (LDGSTS); the pointer engine's is cp.async + HGMMA."""
+    sm90 = [r for r in results if r["arch"] == "sm_90" and not r.get("skipped") and r["case"].startswith("linear[")]
+    tma = [r for r in sm90 if "PERSISTENT=True" in r["case"]]
+    pointer = [r for r in sm90 if "PERSISTENT=True" not in r["case"] and "ACTIVATION=swiglu" not in r["case"]]
+    assert tma and pointer
+    for r in tma:
+        assert r["sass"]["UTMALDG"] and r["sass"]["UTMASTG"] and r["sass"]["HGMMA"] and not r["sass"]["LDGSTS"], r
+    for r in pointer:
+        assert r["sass"]["LDGSTS"] and r["sass"]["HGMMA"] and not r["sass"]["UTMALDG"], r
+    assert all("sass" not in r for r in results if r["arch"] == "sm_80")
+
+
+def test_sass_table_lists_the_sm90_cases(results):
+    from vit_kernels.cli import sass_table
+
+    table = sass_table(results).splitlines()
+    assert table[0].startswith("| UTMALDG | UTMASTG | HGMMA | LDGSTS | HMMA | regs | case |")
+    assert len(table) - 2 == sum(1 for r in results if r["arch"] == "sm_90" and r["dtype"] == "bf16" and r.get("sass"))

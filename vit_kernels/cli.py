@@ -128,8 +128,22 @@ def cmd_compile_check(args) -> int:
     for r in bad if not args.verbose else results:
         print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['arch']} {r['dtype']} regs={r.get('registers')} "
               f"smem={r.get('shared')} {r['case']} {r['error'] or ''}")
+    if args.sass:
+        print(sass_table(results))
     print(f"{len(results) - len(bad)} passed, {len(bad)} failed")
     return 1 if bad else 0
+
+
+def sass_table(results: list) -> str:
+    """One row per sm_90 bf16 case: the SASS instruction counts that show which engine it is (TMA loads and
+    stores, warpgroup MMAs for the TMA engine; cp.async loads for the pointer engine)."""
+    from .compile_check import SASS_OPCODES
+
+    rows = [r for r in results if r["arch"] == "sm_90" and r["dtype"] == "bf16" and r.get("sass")]
+    lines = ["| " + " | ".join(SASS_OPCODES) + " | regs | case |", "|" + "---|" * (len(SASS_OPCODES) + 2)]
+    lines += [f"| {' | '.join(str(r['sass'][op]) for op in SASS_OPCODES)} | {r.get('registers')} | {r['case']} |"
+              for r in rows]
+    return "\n".join(lines)
 
 
 def positive_int(text: str) -> int:
@@ -201,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "and report errors, register spills and shared memory")
     check.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1)
     check.add_argument("-v", "--verbose", action="store_true", help="list every case, not only failures")
+    check.add_argument("--sass", action="store_true", help="also print each sm_90 case's SASS instruction counts "
+                                                            "(UTMALDG/UTMASTG: TMA, HGMMA: warpgroup MMA, LDGSTS: "
+                                                            "cp.async)")
     check.set_defaults(func=cmd_compile_check)
     return parser
 

@@ -27,7 +27,8 @@ def _cases():
 
     for spec in registered_ops():
         for grid in spec.kernels:
-            for label, constexprs, warps, stages, used_on in grid.launcher.compile_cases(grid.variants, tuple(ARCHS)):
+            cases = grid.launcher.compile_cases(grid.variants, tuple(ARCHS), grid.only)
+            for label, constexprs, warps, stages, used_on in cases:
                 yield label, grid.launcher.kernel, constexprs, warps, stages, grid.launcher, used_on
 
 
@@ -55,7 +56,12 @@ def _signature(launcher, constexprs, dtype):
     return sig, attrs
 
 
-def _resource_usage(cubin: bytes) -> dict:
+# SASS opcodes that show a design is real: TMA loads and stores, Hopper warpgroup MMAs, the cp.async loads and
+# warp-level MMAs of the pointer engine
+SASS_OPCODES = ("UTMALDG", "UTMASTG", "HGMMA", "LDGSTS", "HMMA")
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -63,11 +69,20 @@ def _resource_usage(cubin: bytes) -> dict:
     with open(path, "wb") as f:
         f.write(cubin)
     try:
-        text = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, flag, path], capture_output=True, text=True, check=True).stdout
     finally:
         os.remove(path)
-    usage = {key.lower(): int(val) for key, val in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text)}
-    return usage
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    text = _cuobjdump(cubin, "-res-usage")
+    return {key.lower(): int(val) for key, val in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text)}
+
+
+def sass_counts(cubin: bytes) -> dict:
+    """How many instructions of each SASS_OPCODES opcode (with any modifiers) the kernel's code holds."""
+    opcodes = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", _cuobjdump(cubin, "-sass"), re.M)
+    return {op: sum(1 for found in opcodes if found == op) for op in SASS_OPCODES}
 
 
 _case_list = None
@@ -98,6 +113,8 @@ def check_case(job) -> dict:
                                   target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": warps, "num_stages": stages})
         usage = _resource_usage(compiled.asm["cubin"])
+        if arch >= 90:
+            result["sass"] = sass_counts(compiled.asm["cubin"])
         shared = compiled.metadata.shared
         result.update(shared=shared, registers=usage.get("reg"), spill_bytes=usage.get("local", 0) +
                       usage.get("stack", 0))

@@ -95,7 +95,12 @@ def needs_screening(name: str, key: Hashable) -> bool:
 def screen(name: str, key: Hashable, run: Callable[[object], None], outputs: Sequence[torch.Tensor], proven,
            candidates: Sequence, label: Callable[[object], str]) -> frozenset:
     """``run(config)`` launches the kernel with ``config``, writing ``outputs``. Runs ``proven`` once, then each
-    candidate config, and records (and returns) the labels of the candidates whose outputs agree."""
+    candidate config, and records (and returns) the labels of the candidates whose outputs agree (no candidates:
+    records that, running nothing)."""
+    if not candidates:
+        with _lock:
+            _screened[(name, key)] = frozenset()
+        return _screened[(name, key)]
     with torch.no_grad():
         run(proven)
         expected = [o.clone() for o in outputs]

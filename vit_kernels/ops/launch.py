@@ -101,12 +101,14 @@ class Kernel:
         None: on any)."""
         raise NotImplementedError
 
-    def compile_cases(self, variants, archs=(80, 90)) -> list:
+    def compile_cases(self, variants, archs=(80, 90), only=None) -> list:
         """(label, constexprs, num_warps, num_stages, the archs among ``archs`` that use it) for every variant
-        x config."""
+        x config (``only``: the configs whose meta passes it)."""
         cases = []
         for variant in variants:
             for cfg in self.configs_for(variant):
+                if only is not None and not only(cfg.kwargs):
+                    continue
                 constexprs = {**{k: v for k, v in variant.items() if k in self.constexpr_names}, **cfg.kwargs}
                 label = f"{self.name}[{' '.join(f'{k}={v}' for k, v in {**cfg.kwargs, **variant}.items())}]"
                 used_on = tuple(a for a in archs if any(c is cfg for c in self.configs_for(variant, arch=a)))
@@ -175,6 +177,7 @@ class Tuned(Kernel):
         # in ``outputs`` before they may join the autotuner, until guard.VALIDATED_ON_GPU names them
         self.pending = pending
         self.outputs = tuple(outputs)
+        self.arg_names = list(inspect.signature(kernel.fn).parameters)
         self.tuned = triton.autotune(configs=configs, key=key, prune_configs_by={
             "early_config_prune": lambda configs, named_args, **flags: self.configs_for(
                 flags, configs, arch=device_arch(named_args), autotuning=True,
@@ -200,16 +203,17 @@ class Tuned(Kernel):
 
     def _screen(self, grid, args, kwargs) -> None:
         """Screen the pending configs for this launch's problem once, before the autotuner first sees it."""
-        named = {**dict(zip(inspect.signature(self.kernel.fn).parameters, args)), **kwargs}
+        if self.pending[0] in guard.VALIDATED_ON_GPU:
+            return
+        named = {**dict(zip(self.arg_names, args)), **kwargs}
         key = self.screen_key(named)
         if not guard.needs_screening(self.pending[0], key):
             return
         kept = self.configs_for(kwargs, arch=device_arch(named))
         proven = [c for c in kept if not self.pending[1](c.kwargs)]
-        candidates = [c for c in kept if self.pending[1](c.kwargs)]
-        if proven and candidates:
-            guard.screen(self.pending[0], key, lambda c: Kernel.launch(self, grid, *args, config=c, **kwargs),
-                         [named[name] for name in self.outputs], proven[0], candidates, config_label)
+        candidates = [c for c in kept if self.pending[1](c.kwargs)] if proven else []
+        guard.screen(self.pending[0], key, lambda c: Kernel.launch(self, grid, *args, config=c, **kwargs),
+                     [named[name] for name in self.outputs], proven[0] if proven else None, candidates, config_label)
 
     def launch(self, grid, *args, config: triton.Config | None = None, **kwargs) -> None:
         """``config`` pins one config instead of autotuning, on a GPU and in the interpreter alike."""

@@ -15,6 +15,7 @@ two accumulators and forms silu(gate) * up before the epilogue: one launch, outp
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -65,7 +66,10 @@ def tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split
               res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample,
               HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
               HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr,
-              WEIGHT_BLOCKS: tl.constexpr, stats_out_ptr, STATS_OUT: tl.constexpr, STATS_CHUNK: tl.constexpr):
+              WEIGHT_BLOCKS: tl.constexpr, stats_out_ptr, STATS_OUT: tl.constexpr, STATS_CHUNK: tl.constexpr,
+              TMA_STORE: tl.constexpr):
+    """The epilogue of one output tile; returns the tile as stored (TMA_STORE: the caller stores it through a
+    descriptor instead of the pointer store here)."""
     n_mask = offs_n < N
     if HAS_BIAS and ACTIVATION != "swiglu":  # swiglu: both blocks' biases went in before the gated product
         bias_ptrs = tl_block_ptrs(tl_weight_row(offs_n % N, N, DEINTERLEAVE), 0, split1, split2, bias_ptr, bias2_ptr,
@@ -83,9 +87,11 @@ def tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     out = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows * stride_om + offs_n[None, :], out, mask=mask)
+    if not TMA_STORE:
+        tl.store(out_ptr + rows * stride_om + offs_n[None, :], out, mask=mask)
     if STATS_OUT:  # LayerNorm statistics of what was stored, for the GEMM that normalizes it next
         tl_store_chunk_stats(out.to(tl.float32), offs_m, offs_n, M, N, stats_out_ptr, STATS_CHUNK)
+    return out
 
 
 @triton.jit
@@ -159,6 +165,77 @@ def tl_normalize_tile(a, mean, rstd, norm_w_ptr, norm_b_ptr, k_offs, k_valid, NO
     return tl.where(k_valid[None, :], y, 0.0).to(a.dtype)
 
 
+@triton.jit
+def tl_grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile number ``tile`` in grouped order: GROUP_M row tiles share their W column
+    tiles while those sit in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    group_size = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (tile // group_size) * GROUP_M
+    rows_in_group = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % group_size) % rows_in_group, (tile % group_size) // rows_in_group
+
+
+@triton.jit
+def tl_store_tile(acc, pid_m, pid_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split1, split2, scale_ptr, branch_ptr,
+                  res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample,
+                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr,
+                  WEIGHT_BLOCKS: tl.constexpr, stats_out_ptr, STATS_OUT: tl.constexpr, STATS_CHUNK: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr, out_desc,
+                  TMA_STORE: tl.constexpr):
+    """The epilogue of output tile (pid_m, pid_n); SPLIT_EPILOGUE: as two column halves, one after the other
+    (half the epilogue registers, so wide tiles do not spill). TMA_STORE: the output leaves through ``out_desc``
+    (a descriptor of [M, N] with blocks of one half or whole tile; TMA clips what lies past M and N)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    HALVES: tl.constexpr = 2 if SPLIT_EPILOGUE else 1
+    WIDTH: tl.constexpr = BLOCK_N // HALVES
+    parts = (acc,)
+    if SPLIT_EPILOGUE:
+        parts = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, WIDTH)), (0, 2, 1)))
+    for half in tl.static_range(HALVES):
+        n0 = pid_n * BLOCK_N + half * WIDTH
+        out = tl_epilogue(parts[half], offs_m, n0 + tl.arange(0, WIDTH), M, N, bias_ptr, bias2_ptr, bias3_ptr,
+                          split1, split2, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm, stride_om, seed,
+                          dropout_p, keep_scale, rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE,
+                          HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE, WEIGHT_BLOCKS, stats_out_ptr, STATS_OUT,
+                          STATS_CHUNK, TMA_STORE)
+        if TMA_STORE:
+            out_desc.store([pid_m * BLOCK_M, n0], out)
+
+
+@triton.jit
+def tl_linear_persistent(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stats_out_ptr, M, N, K,
+                         stride_am, stride_wn, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample,
+                         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, STATS_OUT: tl.constexpr, STATS_CHUNK: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         SPLIT_EPILOGUE: tl.constexpr):
+    """The TMA engine: a persistent program walks output tiles (grouped order, stride = the grid size) and
+    loads x and W tiles through device-side tensor descriptors (TMA on sm_90: no address math, zero fill past
+    M, N and K, so the K loop has no masks). The tile loop is flattened into the K loop, so the software
+    pipeliner issues the next tile's loads while this tile's epilogue runs. Epilogue: tl_store_tile's."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    EPILOGUE_N: tl.constexpr = BLOCK_N // 2 if SPLIT_EPILOGUE else BLOCK_N
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
+                                         block_shape=[BLOCK_M, EPILOGUE_N])
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+        pid_m, pid_n = tl_grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+            acc = tl.dot(a, w.T, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        tl_store_tile(acc, pid_m, pid_n, M, N, bias_ptr, bias_ptr, bias_ptr, N, N, scale_ptr, branch_ptr, res_ptr,
+                      out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS,
+                      ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, 1, 1, stats_out_ptr, STATS_OUT,
+                      STATS_CHUNK, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, out_desc, True)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr, scale_ptr, branch_ptr, res_ptr,
                    out_ptr, stats_in_ptr, norm_w_ptr, norm_b_ptr, stats_out_ptr, M, N, K, split1, split2, stride_am,
@@ -169,21 +246,21 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
                    WEIGHT_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_STATS: tl.constexpr,
                    NORM_WEIGHT: tl.constexpr, NORM_BIAS: tl.constexpr, STATS_OUT: tl.constexpr,
                    STATS_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
-    """LayerNorm in (NORM_STATS "partials" or "prepass", ops.layer_norm_linear): x is the raw input of a
+                   GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr, PERSISTENT: tl.constexpr = False):
+    """The pointer engine: one output tile per program, cp.async loads masked along K. PERSISTENT: the TMA
+    engine instead (tl_linear_persistent; one weight block, no LayerNorm in, no de-interleave, no swiglu).
+    LayerNorm in (NORM_STATS "partials" or "prepass", ops.layer_norm_linear): x is the raw input of a
     LayerNorm, normalized tile by tile in the K loop with its rows' statistics (tl_input_row_stats).
     Statistics out (STATS_OUT): the epilogue also writes per-chunk statistics of the stored output, which the
     next layer_norm_linear reads as "partials" instead of a pass over x."""
-    # Grouped ordering: GROUP_M row-tiles share their W column-tiles while those sit in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
-
+    if PERSISTENT:
+        tl_linear_persistent(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stats_out_ptr, M, N, K,
+                             stride_am, stride_wn, stride_rm, stride_om, seed, dropout_p, keep_scale,
+                             rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE,
+                             HAS_RESIDUAL, DOT_PRECISION, STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+                             SPLIT_EPILOGUE)
+        return
+    pid_m, pid_n = tl_grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -228,23 +305,10 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
             acc_up += tl.load(bias2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         acc = acc * tl.sigmoid(acc) * acc_up
 
-    if SPLIT_EPILOGUE:
-        # two column halves, one after the other: half the epilogue registers, so wide tiles do not spill
-        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        offs_half = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-        tl_epilogue(left, offs_m, offs_half, M, N, bias_ptr, bias2_ptr, bias3_ptr, split1, split2, scale_ptr,
-                  branch_ptr, res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample,
-                  HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE,
-                  WEIGHT_BLOCKS, stats_out_ptr, STATS_OUT, STATS_CHUNK)
-        tl_epilogue(right, offs_m, offs_half + BLOCK_N // 2, M, N, bias_ptr, bias2_ptr, bias3_ptr, split1, split2,
-                  scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale,
-                  rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL,
-                  DEINTERLEAVE, WEIGHT_BLOCKS, stats_out_ptr, STATS_OUT, STATS_CHUNK)
-    else:
-        tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split1, split2, scale_ptr, branch_ptr,
+    tl_store_tile(acc, pid_m, pid_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split1, split2, scale_ptr, branch_ptr,
                   res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS,
                   ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE, WEIGHT_BLOCKS,
-                  stats_out_ptr, STATS_OUT, STATS_CHUNK)
+                  stats_out_ptr, STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, out_ptr, False)
 
 
 def training_epilogue_fits(meta: dict, flags: dict) -> bool:
@@ -277,6 +341,72 @@ LINEAR = Tuned(
     keep=lambda meta, flags: training_epilogue_fits(meta, flags),
     **LINEAR_ARGS,
 )
+# The TMA engine (PERSISTENT=True): persistent programs over TMA descriptors, sm_90 only. A candidate next to the
+# pointer configs: screened against them until a GPU round validates "linear_tma", then timed with them by the
+# autotuner, per shape. 128x128 with 2 stages is small enough in shared memory for two CTAs per SM.
+TMA_CONFIGS = [
+    config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=True, PERSISTENT=True),
+    config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False, PERSISTENT=True),
+    config(8, 2, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False, PERSISTENT=True),
+    config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False, PERSISTENT=True),
+]
+
+
+def tma_fits_arch(meta: dict, flags: dict, arch: int) -> bool:
+    """TMA exists from sm_90 on."""
+    return not meta.get("PERSISTENT") or arch >= 90
+
+
+LINEAR_TMA = Tuned(
+    "linear", _linear_kernel,
+    configs=LINEAR.configs + TMA_CONFIGS,
+    keep=lambda meta, flags: training_epilogue_fits(meta, flags),
+    arch_keep=tma_fits_arch,
+    pending=("linear_tma", lambda meta: meta.get("PERSISTENT", False)),
+    outputs=("out_ptr", "stats_out_ptr"),
+    **LINEAR_ARGS,
+)
+
+
+def tma_ready(x, weights, activation, deinterleave, norm) -> bool:
+    """Whether the TMA engine may serve this GEMM: one weight block, no de-interleave, swiglu or LayerNorm in,
+    and what TMA descriptors of x, W and the output need (16-byte aligned bases and row strides)."""
+    if len(weights) != 1 or deinterleave != 1 or activation == "swiglu" or norm is not None:
+        return False
+    rows = weights[0].shape[0] * x.element_size()  # the output's row stride in bytes
+    return rows % 16 == 0 and all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+                                  for t in (x, weights[0]))
+
+
+@functools.cache
+def persistent_programs(device_index: int | None) -> int:
+    """The TMA engine's grid: one program per SM (3 in the interpreter, so the tile loop runs)."""
+    if device_index is None:
+        return 3
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def gemm_grid(M, N, device):
+    index = device.index if device.type == "cuda" else None
+    if index is None and device.type == "cuda":
+        index = torch.cuda.current_device()
+
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return launch_grid(min(tiles, persistent_programs(index)) if meta.get("PERSISTENT") else tiles)
+    return grid
+
+
+def descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for device-side TMA descriptors (triton.set_allocator)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+@functools.cache
+def use_descriptor_scratch() -> None:
+    triton.set_allocator(descriptor_scratch)
+
+
 # swiglu (ACTIVATION="swiglu"): two accumulators and two weight tiles per K step, so a tile does the work of a
 # plain one twice as wide. 128x128 fits sm_90 (255 registers) but spills on sm_80 (120-160 bytes, 8 or 16 warps,
 # split epilogue or not): Hopper only (benchmarks/NOTES.md item 11: 464-498 TFLOP/s pinned on an H200, vs 391
@@ -432,12 +562,19 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
     out = new_output((M, N), x.device, x.dtype)
     stats = new_output((M, triton.cdiv(N, STATS_CHUNK), 2), x.device, torch.float32) if stats_out else None
     if M and N:
+        if launcher is LINEAR and tma_ready(x, weights, activation, deinterleave, norm):
+            launcher = LINEAR_TMA
+            if x.is_cuda:
+                use_descriptor_scratch()
+        elif config is not None and config.kwargs.get("PERSISTENT"):
+            raise ValueError("the TMA engine serves one weight block without de-interleave, swiglu or LayerNorm, "
+                             "on 16-byte aligned x and weight rows")
         dummy = x  # never read: its flag is off
         norm_weight, norm_bias, eps, stats_in = norm if norm is not None else (None, None, 0.0, None)
         w1, w2, w3 = (weights + [weights[0]] * 2)[:3]  # unused block slots repeat block 1: WEIGHT_BLOCKS skips them
         b1, b2, b3 = (dummy,) * 3 if biases is None else (biases + [biases[0]] * 2)[:3]
         launcher.launch(
-            lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),
+            gemm_grid(M, N, x.device),
             x, w1, w2, w3, b1, b2, b3, *(dummy if t is None else t for t in (scale, branch_scale, residual)), out,
             *(dummy if t is None else t for t in (stats_in, norm_weight, norm_bias, stats)), M, N, K,
             rows[0], rows[0] + (rows[1] if len(rows) > 1 else 0),
@@ -754,6 +891,8 @@ VARIANTS = (
     *({**PLAIN, "HAS_SCALE": True, "HAS_RESIDUAL": True, "STATS_OUT": True, "DROPOUT": drop, "HAS_BRANCH_SCALE": drop}
       for drop in (False, True)),
 )
+# the TMA engine serves one weight block without de-interleave (the pointer grid builds LINEAR_TMA's other configs)
+TMA_VARIANTS = tuple(v for v in VARIANTS if v["WEIGHT_BLOCKS"] == 1 and v["DEINTERLEAVE"] == 1)
 # SwiGLU fc1 (LINEAR_GLU's configs): gate and up blocks, with dropout on or off, with and without biases
 GLU_VARIANTS = tuple({**PLAIN, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROPOUT": drop, "HAS_BIAS": bias}
                      for drop, bias in ((False, True), (True, True), (False, False)))
@@ -857,7 +996,8 @@ register(OpSpec(
     summary="GEMM + bias + GELU (erf or tanh) / quick-GELU / SiLU + dropout + layer scale + stochastic depth + "
             "residual add, autotuned; can write the tutorial's interleaved qkv as contiguous q/k/v; SwiGLU "
             "(silu(gate) * up from two weight blocks) in one GEMM",
-    kernels=(KernelGrid(LINEAR, VARIANTS), KernelGrid(LINEAR_GLU, GLU_VARIANTS)),
+    kernels=(KernelGrid(LINEAR, VARIANTS), KernelGrid(LINEAR_GLU, GLU_VARIANTS),
+             KernelGrid(LINEAR_TMA, TMA_VARIANTS, only=lambda meta: meta.get("PERSISTENT", False))),
     custom_ops=(linear_op, linear_with_stats_op),
     opcheck_samples=_opcheck_samples,
     grad_cases=_grad_cases,

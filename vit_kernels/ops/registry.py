@@ -14,9 +14,11 @@ import torch
 @dataclasses.dataclass(frozen=True)
 class KernelGrid:
     """A launcher (``launch.Tuned`` / ``launch.Sized``) and the constexpr variants the compile check builds
-    for sm_80 and sm_90, each with every config the launcher may pick for it."""
+    for sm_80 and sm_90, each with every config the launcher may pick for it (``only``: those whose meta
+    passes it, e.g. a launcher's new engine when another grid already builds its other configs)."""
     launcher: object
     variants: tuple
+    only: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
