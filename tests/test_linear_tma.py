@@ -89,7 +89,7 @@ def test_which_problems_it_serves(device):
     x, w, _, _, _ = operands(37, 72, 40, torch.float32, device)
     assert tma_ready(x, [w], None, 1, None)
     assert not tma_ready(x, [w, w], None, 1, None)  # row blocks: the pointer engine's per-column block choice
-    assert not tma_ready(x, [w], None, 3, None)  # de-interleave
+    assert tma_ready(x, [randn(96, 40, device=device)], None, 3, None)  # de-interleave, 32 rows per part
     assert not tma_ready(x, [w, w], "swiglu", 1, None)
     assert not tma_ready(x, [w], None, 1, ("norm",))  # LayerNorm in the K loop
     odd = randn(37, 41, device=device)  # 164-byte rows: no TMA descriptor
@@ -98,7 +98,7 @@ def test_which_problems_it_serves(device):
     with pytest.raises(ValueError, match="TMA engine serves one weight block"):
         linear_launch(odd, randn(72, 41, device=device), config=TMA)
     with pytest.raises(ValueError, match="TMA engine serves one weight block"):
-        linear_launch(x, w, deinterleave=3, config=TMA)
+        linear_launch(x, w, weight2=w, config=TMA)
 
 
 def test_configs_are_sm90_only_and_screened():
@@ -151,3 +151,16 @@ def test_every_tma_config_on_gpu(shape):
     assert configs
     for cfg in configs:
         assert_matches(linear_launch(x, w, b, "gelu", residual=r, config=cfg), lowp, expected, name=str(cfg))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_deinterleave_through_a_3d_descriptor(dtype, device):
+    """The tutorial's (h d qkv) qkv weight read as [N / 3, 3, K] by TMA: the same (qkv h d) output as the pointer
+    engine's row gather and as permuting the weight first."""
+    x, w, b, _, _ = operands(37, 3 * 64, 40, dtype, device)
+    got = linear_launch(x, w, b, deinterleave=3, config=TMA)
+    torch.testing.assert_close(got, linear_launch(x, w, b, deinterleave=3, config=POINTER))
+    grouped = w.view(64, 3, 40).transpose(0, 1).reshape(192, 40)
+    assert_matches(got, linear_torch(x, grouped, b.view(64, 3).t().reshape(192)),
+                   linear_torch(*as64(x, w, b), deinterleave=3))
+    assert not tma_ready(x, [randn(3 * 48, 40, device=device)], None, 3, None)  # a tile would straddle two parts

@@ -67,15 +67,15 @@ def tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split
               HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
               HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr,
               WEIGHT_BLOCKS: tl.constexpr, stats_out_ptr, STATS_OUT: tl.constexpr, STATS_CHUNK: tl.constexpr,
-              TMA_STORE: tl.constexpr):
+              TMA_STORE: tl.constexpr, FAST_GELU: tl.constexpr):
     """The epilogue of one output tile; returns the tile as stored (TMA_STORE: the caller stores it through a
-    descriptor instead of the pointer store here)."""
+    descriptor instead of the pointer store here; FAST_GELU: see tl_gelu_fast)."""
     n_mask = offs_n < N
     if HAS_BIAS and ACTIVATION != "swiglu":  # swiglu: both blocks' biases went in before the gated product
         bias_ptrs = tl_block_ptrs(tl_weight_row(offs_n % N, N, DEINTERLEAVE), 0, split1, split2, bias_ptr, bias2_ptr,
                                   bias3_ptr, 1, 1, 1, WEIGHT_BLOCKS)
         acc += tl.load(bias_ptrs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    acc = tl_activation(acc, ACTIVATION)  # elementwise ones; swiglu's product is formed before the epilogue
+    acc = tl_activation(acc, ACTIVATION, FAST_GELU)  # elementwise; swiglu's product is formed before the epilogue
     if DROPOUT:  # indexed by output (row, column): the same mask whatever the tiling
         acc = tl_apply_dropout(acc, seed, offs_m, offs_n, 0, dropout_p, keep_scale)
     if HAS_SCALE:
@@ -183,7 +183,7 @@ def tl_store_tile(acc, pid_m, pid_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split
                   HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr,
                   WEIGHT_BLOCKS: tl.constexpr, stats_out_ptr, STATS_OUT: tl.constexpr, STATS_CHUNK: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr, out_desc,
-                  TMA_STORE: tl.constexpr):
+                  TMA_STORE: tl.constexpr, FAST_GELU: tl.constexpr):
     """The epilogue of output tile (pid_m, pid_n); SPLIT_EPILOGUE: as two column halves, one after the other
     (half the epilogue registers, so wide tiles do not spill). TMA_STORE: the output leaves through ``out_desc``
     (a descriptor of [M, N] with blocks of one half or whole tile; TMA clips what lies past M and N)."""
@@ -199,7 +199,7 @@ def tl_store_tile(acc, pid_m, pid_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split
                           split1, split2, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm, stride_om, seed,
                           dropout_p, keep_scale, rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE,
                           HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE, WEIGHT_BLOCKS, stats_out_ptr, STATS_OUT,
-                          STATS_CHUNK, TMA_STORE)
+                          STATS_CHUNK, TMA_STORE, FAST_GELU)
         if TMA_STORE:
             out_desc.store([pid_m * BLOCK_M, n0], out)
 
@@ -211,13 +211,24 @@ def tl_linear_persistent(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr,
                          HAS_SCALE: tl.constexpr, HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, STATS_OUT: tl.constexpr, STATS_CHUNK: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         SPLIT_EPILOGUE: tl.constexpr):
+                         SPLIT_EPILOGUE: tl.constexpr, DEINTERLEAVE: tl.constexpr):
     """The TMA engine: a persistent program walks output tiles (grouped order, stride = the grid size) and
     loads x and W tiles through device-side tensor descriptors (TMA on sm_90: no address math, zero fill past
     M, N and K, so the K loop has no masks). The tile loop is flattened into the K loop, so the software
-    pipeliner issues the next tile's loads while this tile's epilogue runs. Epilogue: tl_store_tile's."""
+    pipeliner issues the next tile's loads while this tile's epilogue runs. Epilogue: tl_store_tile's, stores
+    through a descriptor, GELU as tl_gelu_fast (an engine that loses on time loses its GELU with it: the two are
+    one candidate until a GPU round times them apart).
+    DEINTERLEAVE=3 (the tutorial's (h d qkv) qkv weight, output in (qkv h d) order; N / 3 a multiple of
+    BLOCK_N): W is described as [N / 3, 3, K] and output tile columns n .. n + BLOCK_N of part g = n // (N / 3)
+    read rows [j, g, :] for j from n % (N / 3): the TMA unit's addressing does the permutation, with no copy
+    of the weight and nothing in the loop."""
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    if DEINTERLEAVE == 3:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N // 3, 3, K], strides=[3 * stride_wn, stride_wn, 1],
+                                           block_shape=[BLOCK_N, 1, BLOCK_K])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
     EPILOGUE_N: tl.constexpr = BLOCK_N // 2 if SPLIT_EPILOGUE else BLOCK_N
     out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
                                          block_shape=[BLOCK_M, EPILOGUE_N])
@@ -228,12 +239,16 @@ def tl_linear_persistent(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
-            w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+            if DEINTERLEAVE == 3:
+                n0 = pid_n * BLOCK_N
+                w = tl.reshape(w_desc.load([n0 % (N // 3), n0 // (N // 3), k * BLOCK_K]), (BLOCK_N, BLOCK_K))
+            else:
+                w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
             acc = tl.dot(a, w.T, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         tl_store_tile(acc, pid_m, pid_n, M, N, bias_ptr, bias_ptr, bias_ptr, N, N, scale_ptr, branch_ptr, res_ptr,
                       out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS,
-                      ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, 1, 1, stats_out_ptr, STATS_OUT,
-                      STATS_CHUNK, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, out_desc, True)
+                      ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE, 1, stats_out_ptr,
+                      STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, out_desc, True, True)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -248,7 +263,7 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
                    STATS_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr, PERSISTENT: tl.constexpr = False):
     """The pointer engine: one output tile per program, cp.async loads masked along K. PERSISTENT: the TMA
-    engine instead (tl_linear_persistent; one weight block, no LayerNorm in, no de-interleave, no swiglu).
+    engine instead (tl_linear_persistent; one weight block, no LayerNorm in, no swiglu).
     LayerNorm in (NORM_STATS "partials" or "prepass", ops.layer_norm_linear): x is the raw input of a
     LayerNorm, normalized tile by tile in the K loop with its rows' statistics (tl_input_row_stats).
     Statistics out (STATS_OUT): the epilogue also writes per-chunk statistics of the stored output, which the
@@ -258,7 +273,7 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
                              stride_am, stride_wn, stride_rm, stride_om, seed, dropout_p, keep_scale,
                              rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE,
                              HAS_RESIDUAL, DOT_PRECISION, STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                             SPLIT_EPILOGUE)
+                             SPLIT_EPILOGUE, DEINTERLEAVE)
         return
     pid_m, pid_n = tl_grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -308,7 +323,7 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
     tl_store_tile(acc, pid_m, pid_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split1, split2, scale_ptr, branch_ptr,
                   res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS,
                   ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE, WEIGHT_BLOCKS,
-                  stats_out_ptr, STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, out_ptr, False)
+                  stats_out_ptr, STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, out_ptr, False, False)
 
 
 def training_epilogue_fits(meta: dict, flags: dict) -> bool:
@@ -352,6 +367,15 @@ TMA_CONFIGS = [
 ]
 
 
+# a de-interleaving TMA tile is at most 128 wide: 128x256 spills (72 bytes) with the epilogue's bias gather
+DEINTERLEAVE_MAX_BLOCK_N = 32 if INTERPRET else 128  # the interpreter's tiles are 32 wide
+
+
+def tma_fits(meta: dict, flags: dict) -> bool:
+    wide = meta.get("PERSISTENT") and flags.get("DEINTERLEAVE", 1) > 1 and meta["BLOCK_N"] > DEINTERLEAVE_MAX_BLOCK_N
+    return training_epilogue_fits(meta, flags) and not wide
+
+
 def tma_fits_arch(meta: dict, flags: dict, arch: int) -> bool:
     """TMA exists from sm_90 on."""
     return not meta.get("PERSISTENT") or arch >= 90
@@ -360,7 +384,7 @@ def tma_fits_arch(meta: dict, flags: dict, arch: int) -> bool:
 LINEAR_TMA = Tuned(
     "linear", _linear_kernel,
     configs=LINEAR.configs + TMA_CONFIGS,
-    keep=lambda meta, flags: training_epilogue_fits(meta, flags),
+    keep=tma_fits,
     arch_keep=tma_fits_arch,
     pending=("linear_tma", lambda meta: meta.get("PERSISTENT", False)),
     outputs=("out_ptr", "stats_out_ptr"),
@@ -369,9 +393,12 @@ LINEAR_TMA = Tuned(
 
 
 def tma_ready(x, weights, activation, deinterleave, norm) -> bool:
-    """Whether the TMA engine may serve this GEMM: one weight block, no de-interleave, swiglu or LayerNorm in,
-    and what TMA descriptors of x, W and the output need (16-byte aligned bases and row strides)."""
-    if len(weights) != 1 or deinterleave != 1 or activation == "swiglu" or norm is not None:
+    """Whether the TMA engine may serve this GEMM: one weight block, no swiglu or LayerNorm in, a de-interleave
+    only where no tile straddles two parts (N / 3 a multiple of every BLOCK_N), and what TMA descriptors of x, W
+    and the output need (16-byte aligned bases and row strides)."""
+    if len(weights) != 1 or activation == "swiglu" or norm is not None:
+        return False
+    if deinterleave != 1 and (weights[0].shape[0] // deinterleave) % DEINTERLEAVE_MAX_BLOCK_N:
         return False
     rows = weights[0].shape[0] * x.element_size()  # the output's row stride in bytes
     return rows % 16 == 0 and all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
@@ -567,8 +594,9 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
             if x.is_cuda:
                 use_descriptor_scratch()
         elif config is not None and config.kwargs.get("PERSISTENT"):
-            raise ValueError("the TMA engine serves one weight block without de-interleave, swiglu or LayerNorm, "
-                             "on 16-byte aligned x and weight rows")
+            raise ValueError("the TMA engine serves one weight block without swiglu or LayerNorm (a de-interleave "
+                             f"with N / 3 a multiple of {DEINTERLEAVE_MAX_BLOCK_N}), on 16-byte aligned x, weight and "
+                             "output rows")
         dummy = x  # never read: its flag is off
         norm_weight, norm_bias, eps, stats_in = norm if norm is not None else (None, None, 0.0, None)
         w1, w2, w3 = (weights + [weights[0]] * 2)[:3]  # unused block slots repeat block 1: WEIGHT_BLOCKS skips them
@@ -891,8 +919,8 @@ VARIANTS = (
     *({**PLAIN, "HAS_SCALE": True, "HAS_RESIDUAL": True, "STATS_OUT": True, "DROPOUT": drop, "HAS_BRANCH_SCALE": drop}
       for drop in (False, True)),
 )
-# the TMA engine serves one weight block without de-interleave (the pointer grid builds LINEAR_TMA's other configs)
-TMA_VARIANTS = tuple(v for v in VARIANTS if v["WEIGHT_BLOCKS"] == 1 and v["DEINTERLEAVE"] == 1)
+# the TMA engine serves one weight block (the pointer grid builds LINEAR_TMA's other configs)
+TMA_VARIANTS = tuple(v for v in VARIANTS if v["WEIGHT_BLOCKS"] == 1)
 # SwiGLU fc1 (LINEAR_GLU's configs): gate and up blocks, with dropout on or off, with and without biases
 GLU_VARIANTS = tuple({**PLAIN, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROPOUT": drop, "HAS_BIAS": bias}
                      for drop, bias in ((False, True), (True, True), (False, False)))
