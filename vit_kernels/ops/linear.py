@@ -429,8 +429,15 @@ def descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
-@functools.cache
 def use_descriptor_scratch() -> None:
+    """Install descriptor_scratch as Triton's allocator unless one is set. Triton keeps it in a ContextVar (per
+    thread), so every TMA launch checks."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # another layout of Triton's internals: install ours
+        pass
     triton.set_allocator(descriptor_scratch)
 
 
@@ -1022,8 +1029,9 @@ register(OpSpec(
     name="linear",
     fn=linear,
     summary="GEMM + bias + GELU (erf or tanh) / quick-GELU / SiLU + dropout + layer scale + stochastic depth + "
-            "residual add, autotuned; can write the tutorial's interleaved qkv as contiguous q/k/v; SwiGLU "
-            "(silu(gate) * up from two weight blocks) in one GEMM",
+            "residual add, autotuned over two engines (cp.async tiles; on sm_90 persistent programs on TMA "
+            "descriptors); can write the tutorial's interleaved qkv as contiguous q/k/v; SwiGLU (silu(gate) * up "
+            "from two weight blocks) in one GEMM",
     kernels=(KernelGrid(LINEAR, VARIANTS), KernelGrid(LINEAR_GLU, GLU_VARIANTS),
              KernelGrid(LINEAR_TMA, TMA_VARIANTS, only=lambda meta: meta.get("PERSISTENT", False))),
     custom_ops=(linear_op, linear_with_stats_op),
