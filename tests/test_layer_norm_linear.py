@@ -383,3 +383,22 @@ def test_models_check_the_fused_path_against_the_unfused_ops(monkeypatch, device
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         assert guard.verdicts() and not any(guard.verdicts().values())
     guard.reset()
+
+
+def test_choosing_launches_nothing_the_counts_see(monkeypatch):
+    """The comparison and the timing of a first call are not the op's launches: only the chosen run is counted."""
+    from vit_kernels.ops import guard
+    from vit_kernels.ops.dispatch import record_launch
+
+    monkeypatch.setattr(guard, "on_gpu", lambda x: True)
+    monkeypatch.setattr(guard, "time_ms", lambda fn: (fn(), 1.0)[1])
+
+    def path(p):
+        record_launch("path")
+        return torch.ones(2)
+
+    guard.reset()
+    ops.reset_launch_counts()
+    guard.choose("counted", lambda: "k", torch.zeros(1), path, path)
+    assert ops.launch_counts() == {"path": 1}
+    guard.reset()

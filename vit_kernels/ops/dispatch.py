@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -83,8 +84,23 @@ def dispatch(on: tuple, fallback: Callable[[], torch.Tensor], custom_op, launch,
     return out if finish is None else finish(out)
 
 
+_uncounted = threading.local()
+
+
 def record_launch(name: str) -> None:
-    _launches[name] += 1
+    if not getattr(_uncounted, "on", False):
+        _launches[name] += 1
+
+
+@contextlib.contextmanager
+def uncounted():
+    """Launches made to choose a path (guard.py's comparisons and timings) are not the op's: not counted."""
+    before = getattr(_uncounted, "on", False)
+    _uncounted.on = True
+    try:
+        yield
+    finally:
+        _uncounted.on = before
 
 
 def launch_counts() -> dict:

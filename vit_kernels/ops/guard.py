@@ -24,6 +24,7 @@ from collections.abc import Callable, Hashable, Sequence
 import torch
 
 from ..tolerance import agreement_limit
+from .dispatch import uncounted
 
 # paths whose GPU tests have passed on a real card (benchmarks/NOTES.md names the round)
 VALIDATED_ON_GPU: frozenset = frozenset()
@@ -65,7 +66,7 @@ def choose(name: str, key: Callable[[], Hashable], x: torch.Tensor, new: Callabl
 
 
 def _select(name, key, new, proven, dtype) -> bool:
-    with torch.no_grad():
+    with torch.no_grad(), uncounted():
         wins = name in VALIDATED_ON_GPU or _agrees(name, key, [new(0.0)], [proven(0.0)], dtype, "path")
         wins = wins and time_ms(lambda: new(0.0)) < time_ms(lambda: proven(0.0))
     with _lock:
@@ -101,7 +102,7 @@ def screen(name: str, key: Hashable, run: Callable[[object], None], outputs: Seq
         with _lock:
             _screened[(name, key)] = frozenset()
         return _screened[(name, key)]
-    with torch.no_grad():
+    with torch.no_grad(), uncounted():
         run(proven)
         expected = [o.clone() for o in outputs]
         agreed = set()
