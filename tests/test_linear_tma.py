@@ -13,6 +13,7 @@ from vit_kernels.ops.linear import (
     LINEAR_TMA,
     STATS_CHUNK,
     chunk_stats,
+    gemm_grid,
     linear_launch,
     linear_torch,
     persistent_programs,
@@ -80,9 +81,19 @@ def test_statistics_out(dtype, device):
     torch.testing.assert_close(stats, chunk_stats(out.float()), rtol=1e-4, atol=1e-4)
 
 
-def test_fewer_programs_than_tiles():
-    """Off the GPU the engine runs 3 persistent programs: 130 x 200 with 32 x 32 tiles is 35 tiles each walks."""
+def test_fewer_programs_than_tiles(device):
+    """Off the GPU the engine runs 3 persistent programs per "SM" (PROGRAMS_PER_SM of them where a config asks),
+    never more than there are tiles; the pointer engine one program per tile."""
     assert persistent_programs(None) == 3
+    grid = gemm_grid(130, 200, torch.device("cpu"))
+    assert grid(dict(BLOCK_M=32, BLOCK_N=32, PERSISTENT=True)) == (3,)
+    assert grid(dict(BLOCK_M=32, BLOCK_N=32, PERSISTENT=True, PROGRAMS_PER_SM=2)) == (6,)
+    assert grid(dict(BLOCK_M=128, BLOCK_N=256, PERSISTENT=True, PROGRAMS_PER_SM=2)) == (2,)  # 2 tiles
+    assert grid(dict(BLOCK_M=32, BLOCK_N=32)) == (5 * 7,)
+    x, w, b, _, _ = operands(130, 200, 24, torch.float32, device)
+    two = config(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_EPILOGUE=False, PERSISTENT=True,
+                 PROGRAMS_PER_SM=2)
+    assert_matches(linear_launch(x, w, b, config=two), None, linear_torch(*as64(x, w, b)))
 
 
 def test_which_problems_it_serves(device):

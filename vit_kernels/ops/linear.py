@@ -261,9 +261,11 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
                    WEIGHT_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM_STATS: tl.constexpr,
                    NORM_WEIGHT: tl.constexpr, NORM_BIAS: tl.constexpr, STATS_OUT: tl.constexpr,
                    STATS_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr, PERSISTENT: tl.constexpr = False):
+                   GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr, PERSISTENT: tl.constexpr = False,
+                   PROGRAMS_PER_SM: tl.constexpr = 1):
     """The pointer engine: one output tile per program, cp.async loads masked along K. PERSISTENT: the TMA
-    engine instead (tl_linear_persistent; one weight block, no LayerNorm in, no swiglu).
+    engine instead (tl_linear_persistent; one weight block, no LayerNorm in, no swiglu), PROGRAMS_PER_SM of them
+    per SM (read by the launch grid only: two where a config's shared memory lets two CTAs share an SM).
     LayerNorm in (NORM_STATS "partials" or "prepass", ops.layer_norm_linear): x is the raw input of a
     LayerNorm, normalized tile by tile in the K loop with its rows' statistics (tl_input_row_stats).
     Statistics out (STATS_OUT): the epilogue also writes per-chunk statistics of the stored output, which the
@@ -358,12 +360,14 @@ LINEAR = Tuned(
 )
 # The TMA engine (PERSISTENT=True): persistent programs over TMA descriptors, sm_90 only. A candidate next to the
 # pointer configs: screened against them until a GPU round validates "linear_tma", then timed with them by the
-# autotuner, per shape. 128x128 with 2 stages is small enough in shared memory for two CTAs per SM.
+# autotuner, per shape. The last config is small enough in shared memory (compile check) for two CTAs per SM.
 TMA_CONFIGS = [
     config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=True, PERSISTENT=True),
     config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False, PERSISTENT=True),
     config(8, 2, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False, PERSISTENT=True),
     config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False, PERSISTENT=True),
+    config(4, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False, PERSISTENT=True,
+           PROGRAMS_PER_SM=2),
 ]
 
 
@@ -371,9 +375,18 @@ TMA_CONFIGS = [
 DEINTERLEAVE_MAX_BLOCK_N = 32 if INTERPRET else 128  # the interpreter's tiles are 32 wide
 
 
+# with dropout and stochastic depth both on, these TMA tiles (BLOCK_M, BLOCK_N, stages) spill 8-16 bytes
+TMA_TRAINING_SPILLS = {(128, 128, 2), (64, 128, 4)}
+
+
 def tma_fits(meta: dict, flags: dict) -> bool:
-    wide = meta.get("PERSISTENT") and flags.get("DEINTERLEAVE", 1) > 1 and meta["BLOCK_N"] > DEINTERLEAVE_MAX_BLOCK_N
-    return training_epilogue_fits(meta, flags) and not wide
+    """LINEAR_TMA's rule (compile check, sm_90): the pointer configs' training rule, plus the TMA tiles' own."""
+    if not meta.get("PERSISTENT"):
+        return training_epilogue_fits(meta, flags)
+    wide = flags.get("DEINTERLEAVE", 1) > 1 and meta["BLOCK_N"] > DEINTERLEAVE_MAX_BLOCK_N
+    training = flags.get("DROPOUT") and flags.get("HAS_BRANCH_SCALE") and (
+        meta["BLOCK_M"], meta["BLOCK_N"], meta["num_stages"]) in TMA_TRAINING_SPILLS
+    return training_epilogue_fits(meta, flags) and not wide and not training
 
 
 def tma_fits_arch(meta: dict, flags: dict, arch: int) -> bool:
@@ -420,7 +433,9 @@ def gemm_grid(M, N, device):
 
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        return launch_grid(min(tiles, persistent_programs(index)) if meta.get("PERSISTENT") else tiles)
+        if meta.get("PERSISTENT"):
+            return launch_grid(min(tiles, persistent_programs(index) * meta.get("PROGRAMS_PER_SM", 1)))
+        return launch_grid(tiles)
     return grid
 
 
