@@ -1055,7 +1055,8 @@ FORWARD_VARIANTS = tuple(  # dropout variants at head_dim 64, both layouts
     for d in (16, 24, 64, 80, 128) for mask in (False, True) for inter in (False, True) for lse in (False, True)
     for drop in (False, True)
     if (d == 64 or not (mask or inter)) and (not lse or d in (64, 80)) and (not drop or (d == 64 and lse))
-) + tuple(dict(v, STORE_LSE=True) for v in QK_VARIANTS) + tuple(  # the resident tiling at ViT lengths
+) + tuple(dict(v, STORE_LSE=True) for v in QK_VARIANTS)
+RESIDENT_VARIANTS = tuple(  # the resident tiling at ViT lengths (its own grid: only its configs)
     dict(HAS_MASK=mask, D=d, BLOCK_D=head_tile(d), INTERLEAVED=inter, STORE_LSE=True, DROPOUT=drop,
          DOT_PRECISION="tf32", **QK_OFF, **resident_pieces(tokens))
     for tokens, d, mask, inter, drop in ((197, 64, False, False, False), (257, 64, False, False, False),
@@ -1193,7 +1194,8 @@ register(OpSpec(
             "half layout) applied to q and k in its prologue, forward and backward; forward tilings for ViT "
             "lengths (whole key tiles unchecked and a narrow tail, or one program per head with K and V loaded "
             "once and a one-step softmax), screened against the proven tiling, then timed by the autotuner",
-    kernels=(KernelGrid(ATTENTION, FORWARD_VARIANTS), KernelGrid(ATTENTION_BACKWARD, BACKWARD_VARIANTS)),
+    kernels=(KernelGrid(ATTENTION, FORWARD_VARIANTS), KernelGrid(ATTENTION_BACKWARD, BACKWARD_VARIANTS),
+             KernelGrid(ATTENTION, RESIDENT_VARIANTS, only=lambda meta: meta.get("RESIDENT", False))),
     custom_ops=(attention_op, attention_backward_op),
     opcheck_samples=_opcheck_samples,
     grad_cases=_grad_cases,
