@@ -372,7 +372,9 @@ TMA_CONFIGS = [
 
 
 # a de-interleaving TMA tile is at most 128 wide: 128x256 spills (72 bytes) with the epilogue's bias gather
-DEINTERLEAVE_MAX_BLOCK_N = 32 if INTERPRET else 128  # the interpreter's tiles are 32 wide
+DEINTERLEAVE_MAX_BLOCK_N = 128
+# so a de-interleave needs N / 3 to be a multiple of it (of the interpreter's 32-wide tiles there)
+DEINTERLEAVE_PART = 32 if INTERPRET else DEINTERLEAVE_MAX_BLOCK_N
 
 
 # with dropout and stochastic depth both on, these TMA tiles (BLOCK_M, BLOCK_N, stages) spill 8-16 bytes
@@ -411,7 +413,7 @@ def tma_ready(x, weights, activation, deinterleave, norm) -> bool:
     and the output need (16-byte aligned bases and row strides)."""
     if len(weights) != 1 or activation == "swiglu" or norm is not None:
         return False
-    if deinterleave != 1 and (weights[0].shape[0] // deinterleave) % DEINTERLEAVE_MAX_BLOCK_N:
+    if deinterleave != 1 and (weights[0].shape[0] // deinterleave) % DEINTERLEAVE_PART:
         return False
     rows = weights[0].shape[0] * x.element_size()  # the output's row stride in bytes
     return rows % 16 == 0 and all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
@@ -617,7 +619,7 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
                 use_descriptor_scratch()
         elif config is not None and config.kwargs.get("PERSISTENT"):
             raise ValueError("the TMA engine serves one weight block without swiglu or LayerNorm (a de-interleave "
-                             f"with N / 3 a multiple of {DEINTERLEAVE_MAX_BLOCK_N}), on 16-byte aligned x, weight and "
+                             f"with N / 3 a multiple of {DEINTERLEAVE_PART}), on 16-byte aligned x, weight and "
                              "output rows")
         dummy = x  # never read: its flag is off
         norm_weight, norm_bias, eps, stats_in = norm if norm is not None else (None, None, 0.0, None)
