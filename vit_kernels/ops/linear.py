@@ -409,8 +409,8 @@ LINEAR_TMA = Tuned(
 
 def tma_ready(x, weights, activation, deinterleave, norm) -> bool:
     """Whether the TMA engine may serve this GEMM: one weight block, no swiglu or LayerNorm in, a de-interleave
-    only where no tile straddles two parts (N / 3 a multiple of every BLOCK_N), and what TMA descriptors of x, W
-    and the output need (16-byte aligned bases and row strides)."""
+    only where no tile straddles two parts (N / 3 a multiple of DEINTERLEAVE_PART), and what TMA descriptors of
+    x, W and the output need (16-byte aligned bases and row strides)."""
     if len(weights) != 1 or activation == "swiglu" or norm is not None:
         return False
     if deinterleave != 1 and (weights[0].shape[0] // deinterleave) % DEINTERLEAVE_PART:
@@ -446,16 +446,17 @@ def descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
+try:  # Triton keeps its allocator in a ContextVar (per thread); resolved once here, read on every TMA launch
+    from triton.runtime._allocation import NullAllocator as _NullAllocator
+    from triton.runtime._allocation import _allocator as _current_allocator
+except ImportError:  # another layout of Triton's internals: always install ours
+    _NullAllocator = _current_allocator = None
+
+
 def use_descriptor_scratch() -> None:
-    """Install descriptor_scratch as Triton's allocator unless one is set. Triton keeps it in a ContextVar (per
-    thread), so every TMA launch checks."""
-    try:
-        from triton.runtime._allocation import NullAllocator, _allocator
-        if not isinstance(_allocator.get(), NullAllocator):
-            return
-    except ImportError:  # another layout of Triton's internals: install ours
-        pass
-    triton.set_allocator(descriptor_scratch)
+    """Install descriptor_scratch as Triton's allocator in this thread unless one is set there."""
+    if _current_allocator is None or isinstance(_current_allocator.get(), _NullAllocator):
+        triton.set_allocator(descriptor_scratch)
 
 
 # swiglu (ACTIVATION="swiglu"): two accumulators and two weight tiles per K step, so a tile does the work of a
