@@ -115,7 +115,8 @@ def test_headline_fills_every_figure_it_has_and_names_the_rest(monkeypatch):
                     graph_ms=graph)
 
     rows = [row(256, e2e.OURS, 20.0), row(256, e2e.TIMM, 25.0), row(256, "timm torch.compile (max-autotune)", 22.0),
-            row(64, e2e.OURS, 6.0), row(64, e2e.TIMM, 6.6), row(1, e2e.OURS, 2.0, 0.5), row(1, e2e.TIMM, 1.0, 0.7)]
+            row(64, e2e.OURS, 6.0), row(64, e2e.TIMM, 6.6), row(1, e2e.OURS, 2.0, 0.5), row(1, e2e.TIMM, 1.0, 0.7),
+            row(1, e2e.OURS_GRAPHS, 0.6)]
     head, missing = e2e.headline(rows, torch.bfloat16, peak_gemm_tflops=700.0)
     assert head["gpu"] == "Test GPU" and head["clock_mhz"] == 1755 and head["peak_gemm_tflops"] == 700.0
     assert head["bs256_vs_timm_eager"] == pytest.approx(1.25)
@@ -124,7 +125,9 @@ def test_headline_fills_every_figure_it_has_and_names_the_rest(monkeypatch):
     assert (head["bs1_eager_ms"], head["bs1_latency_ms"]) == (2.0, 0.5)
     assert head["bs1_eager_vs_timm_eager"] == pytest.approx(0.5)
     assert head["bs1_graph_vs_timm_graph"] == pytest.approx(1.4)
-    assert set(missing) == {"bs1_graph_vs_compile_cudagraphs", "attention_n197_vs_best_sdpa",
+    assert head["bs1_graph_runner_ms"] == 0.6
+    assert set(missing) == {"bs1_graph_vs_compile_cudagraphs", "bs1_graph_runner_vs_compile_cudagraphs",
+                            "attention_n197_vs_best_sdpa",
                             "train_bs128_vs_compile", "train_bs128_vs_timm_eager", "train_bs128_peak_vs_timm_eager"}
     result = dict(headline=head, headline_missing=missing)
     e2e.merge_headline(result, {"attention_n197_vs_best_sdpa": 0.9, "train_bs128_vs_compile": None})

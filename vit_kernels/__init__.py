@@ -4,6 +4,7 @@
     from vit_kernels import accelerate          # any supported ViT (tutorial, timm, torchvision, HF), in place
     from vit_kernels import from_timm           # accelerate() for a timm VisionTransformer (+ dynamic_img_size)
     from vit_kernels import restore             # undo accelerate(): the model's own methods back
+    from vit_kernels import use_cuda_graphs     # accelerate(model, cuda_graphs=True): CUDA-graph serving, on/off
     from vit_kernels import layer_norm_folding  # with layer_norm_folding(False): LayerNorm and GEMM unfused
     from vit_kernels import create_model        # a standard timm ViT by name (+ local checkpoint), fused
     from vit_kernels import attention_maps      # a forward plus every layer's attention probabilities
@@ -17,8 +18,8 @@ import importlib
 
 from ._version import __version__
 
-_MODELS = ("ViT", "accelerate", "attention_maps", "create_model", "from_timm", "is_accelerated", "layer_norm_folding",
-           "restore")
+_MODELS = ("ViT", "accelerate", "attention_maps", "create_model", "from_timm", "graph_runner", "is_accelerated",
+           "layer_norm_folding", "restore", "use_cuda_graphs")
 _LAZY = {**dict.fromkeys(_MODELS, "vit_kernels.models"), "ops": "vit_kernels.ops", "reference": "vit_kernels.reference"}
 
 __all__ = ["__version__", *sorted(_LAZY)]

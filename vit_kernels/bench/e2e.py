@@ -7,15 +7,16 @@ import statistics
 import torch
 
 from ..tolerance import agreement_limit, max_error
-from .models import CONFIGS, GRAPH_MAX_BATCH, OURS, TIMM, build_candidates, gflop_per_image
+from .models import CONFIGS, GRAPH_MAX_BATCH, OURS, OURS_GRAPHS, TIMM, build_candidates, gflop_per_image
 from .timing import cuda_graph_ms, device_info, measured_peaks, on_gpu, rounds_summary, time_ms
 
 # the figures the GPU rounds track (issue 20); each is a number or None with a reason in "headline_missing"
 HEADLINE_KEYS = ("gpu", "torch", "triton", "clock_mhz", "peak_gemm_tflops", "bs256_img_s", "bs256_vs_timm_eager",
                  "bs256_vs_compile_max_autotune", "bs256_mfu", "bs64_eager_vs_timm_eager", "bs1_eager_ms",
                  "bs1_eager_vs_timm_eager", "bs1_latency_ms", "bs1_graph_vs_timm_graph",
-                 "bs1_graph_vs_compile_cudagraphs", "attention_n197_vs_best_sdpa", "train_bs128_vs_compile",
-                 "train_bs128_vs_timm_eager", "train_bs128_peak_vs_timm_eager")
+                 "bs1_graph_vs_compile_cudagraphs", "bs1_graph_runner_ms", "bs1_graph_runner_vs_compile_cudagraphs",
+                 "attention_n197_vs_best_sdpa", "train_bs128_vs_compile", "train_bs128_vs_timm_eager",
+                 "train_bs128_peak_vs_timm_eager")
 
 
 @contextlib.contextmanager
@@ -147,6 +148,11 @@ def headline(rows, dtype, peak_gemm_tflops=None) -> tuple[dict, dict]:
                                     find(1, "timm torch.compile (max-autotune)")) if r]  # both replay CUDA graphs
         if graphs and ours1["graph_ms"]:
             head["bs1_graph_vs_compile_cudagraphs"] = min(graphs) / ours1["graph_ms"]
+        runner1 = find(1, OURS_GRAPHS)  # a whole call of the graph runner: copy in, replay, clone out
+        if runner1:
+            head["bs1_graph_runner_ms"] = runner1["ms"]
+            if graphs:
+                head["bs1_graph_runner_vs_compile_cudagraphs"] = min(graphs) / runner1["ms"]
     for key, value in head.items():
         if value is None:
             missing[key] = _why_missing(key)
@@ -154,7 +160,7 @@ def headline(rows, dtype, peak_gemm_tflops=None) -> tuple[dict, dict]:
 
 
 def _why_missing(key: str) -> str:
-    if key == "bs1_graph_vs_compile_cudagraphs":
+    if key in ("bs1_graph_vs_compile_cudagraphs", "bs1_graph_runner_vs_compile_cudagraphs"):
         return "no torch.compile reduce-overhead / max-autotune baseline at batch 1 in this run (--compile)"
     if key.startswith("train_"):
         return "the training benchmark did not run (vit-kernels bench --train)"

@@ -55,6 +55,7 @@ def timm_model(name: str, device=None):
 
 TIMM, TIMM_NO_CUDNN_BENCHMARK, OURS = "timm eager (SDPA)", "timm eager (SDPA, cudnn.benchmark off)", "ours (from_timm)"
 OURS_UNFUSED_NORM = "ours (from_timm, LayerNorm unfused)"
+OURS_GRAPHS = "ours (from_timm, cuda_graphs=True)"  # the built-in graph runner: serving latency, batch <= 64
 GRAPH_MAX_BATCH = 64  # eager candidates are also timed as a CUDA-graph replay up to this batch
 REDUCE_OVERHEAD_MAX_BATCH = 64  # torch.compile(mode="reduce-overhead"): the serving baseline, small batches
 
@@ -91,10 +92,11 @@ class Candidate:
 
 def build_candidates(name: str, dtype: torch.dtype, device, compile_modes=()) -> dict:
     """{name: Candidate}, all with one set of random weights: timm eager with cudnn.benchmark on (and a labelled
-    row with it off), ours (``from_timm``) eager, and with its LayerNorms unfused (``layer_norm_folding``), the
-    reference and the tutorial-flavour ``vit_kernels.ViT``; with ``compile_modes`` also timm under
-    ``torch.compile`` in each mode (``"reduce-overhead"``: CUDA graphs, batch <= 64 only) and ours under
-    ``torch.compile`` (default mode).
+    row with it off), ours (``from_timm``) eager, and with its LayerNorms unfused (``layer_norm_folding``), ours
+    with the built-in graph runner (``cuda_graphs=True``, on CUDA, batch <= 64: each call pads, copies in,
+    replays and clones out, all timed), the reference and the tutorial-flavour ``vit_kernels.ViT``; with
+    ``compile_modes`` also timm under ``torch.compile`` in each mode (``"reduce-overhead"``: CUDA graphs, batch
+    <= 64 only) and ours under ``torch.compile`` (default mode).
 
     ``vit_kernels.from_timm`` patches the model it is given in place, so the accelerated candidate is a deep copy
     of the timm model: the timm baselines (eager and compiled) keep timm's own forward."""
@@ -110,6 +112,9 @@ def build_candidates(name: str, dtype: torch.dtype, device, compile_modes=()) ->
         OURS: Candidate(ours_timm, TIMM),
         OURS_UNFUSED_NORM: Candidate(UnfusedLayerNorm(ours_timm), TIMM),
     }
+    if torch.device(device).type == "cuda":  # the runner refuses other devices
+        candidates[OURS_GRAPHS] = Candidate(vit_kernels.from_timm(copy.deepcopy(timm_eager), cuda_graphs=True), TIMM,
+                                            graph=False, max_batch=REDUCE_OVERHEAD_MAX_BATCH)
     if CONFIGS[name]["family"] == "vit":  # the tutorial flavour exists for the original ViT only
         ref = tutorial_model(reference.ViT, name).to(device, dtype).eval()
         ours = tutorial_model(vit_kernels.ViT, name).to(device, dtype).eval()

@@ -7,6 +7,7 @@ import sys
 from torch import nn
 
 from .. import reference
+from .graphs import DEFAULT_BUCKETS, use_cuda_graphs
 
 SUPPORTED = ("vit_kernels.ViT / vit_kernels.reference.ViT; the tutorial's einops ViT (nn.Sequential of "
              "PatchEmbedding, TransformerEncoder, ClassificationHead); timm VisionTransformer (CLIP, SigLIP, "
@@ -42,8 +43,12 @@ def _classes(module_name: str, *names: str) -> tuple:
     return tuple(getattr(module, n) for n in names if hasattr(module, n)) if module is not None else ()
 
 
-def accelerate(model: nn.Module) -> nn.Module:
+def accelerate(model: nn.Module, cuda_graphs: bool = False, graph_buckets=DEFAULT_BUCKETS) -> nn.Module:
     """Make ``model`` itself compute on the fused kernels and return it (the same object).
+
+    ``cuda_graphs=True`` also serves ``model(x)`` in inference by replaying CUDA graphs, one captured per batch
+    bucket (``graph_buckets``; a batch is padded up to its bucket) on first use: for small batches, whose
+    forward is bound by launch cost (``vit_kernels.models.graphs``). ``cuda_graphs=False`` turns it off again.
 
     The framework's own modules are patched in place, like Liger-Kernel's ``apply_liger_kernel_to_*``: each
     encoder block's ``forward`` becomes the fused block, the patch embedding the fused patch embedding, the
@@ -64,6 +69,11 @@ def accelerate(model: nn.Module) -> nn.Module:
     feature when a recognized model uses one the kernels cannot compute (e.g. a conv stem, attention pooling,
     a head_dim over ``ops.MAX_HEAD_DIM``) — when patching, before any forward.
     """
+    use_cuda_graphs(_accelerate(model), cuda_graphs, graph_buckets)
+    return model
+
+
+def _accelerate(model: nn.Module) -> nn.Module:
     from .timm_eva import patch_eva
     from .timm_vit import patch_timm
     from .torchvision_vit import patch_torchvision

@@ -38,6 +38,7 @@ from ._fused import (
     residual_linear,
     self_attention,
 )
+from .graphs import DEFAULT_BUCKETS, use_cuda_graphs
 from .patching import patch
 from .pos_embed import image_grid, resample_pos_embed
 
@@ -431,18 +432,22 @@ def patch_modules(model, dynamic_img_size, block, methods):
     return model
 
 
-def from_timm(model, dynamic_img_size: bool | None = None):
+def from_timm(model, dynamic_img_size: bool | None = None, cuda_graphs: bool = False,
+              graph_buckets=DEFAULT_BUCKETS):
     """Put a timm ``VisionTransformer`` or ``Eva`` (EVA-02, DINOv3) on the fused kernels, in place; returns the
     same model.
 
     ``dynamic_img_size``: None follows the model (timm's ``dynamic_img_size``); True lets ``model(x)`` and
     ``forward_features`` take any image whose sides are multiples of the patch size, resampling ``pos_embed``
     exactly as timm's dynamic models do (bicubic, antialiased, every forward); False accepts only the model's
-    ``img_size``. ``vit_kernels.restore(model)`` undoes the patch.
+    ``img_size``. ``cuda_graphs``, ``graph_buckets``: as in ``vit_kernels.accelerate``.
+    ``vit_kernels.restore(model)`` undoes the patch.
     """
     eva = sys.modules.get("timm.models.eva")
     if eva is not None and isinstance(model, eva.Eva):
         from .timm_eva import patch_eva
 
-        return patch_eva(model, dynamic_img_size)
-    return patch_timm(model, dynamic_img_size)
+        patch_eva(model, dynamic_img_size)
+    else:
+        patch_timm(model, dynamic_img_size)
+    return use_cuda_graphs(model, cuda_graphs, graph_buckets)

@@ -24,6 +24,7 @@ from ._fused import (
     encoder_block,
     explicit_dtypes,
 )
+from .graphs import DEFAULT_BUCKETS, use_cuda_graphs
 from .patching import patch
 from .pos_embed import image_grid, resample_pos_embed
 
@@ -185,15 +186,19 @@ class ViT(reference.ViT):
     ``positions`` are resampled bicubically (antialiased, in fp32, as timm's ``resample_abs_pos_embed``;
     the cls row is kept) to the ``H/p x W/p`` grid, every forward (nothing cached, so no write to
     ``positions`` can be missed). The keyword is not stored in the state_dict.
+
+    ``cuda_graphs=True`` (``graph_buckets``): inference forwards replay CUDA graphs, see ``vit_kernels.accelerate``.
     """
 
     last_backend: str | None = None
 
     def __init__(self, in_channels: int = 3, patch_size: int = 16, emb_size: int = 768, img_size: int = 224,
-                 depth: int = 12, n_classes: int = 1000, *, dynamic_img_size: bool = False, **kwargs):
+                 depth: int = 12, n_classes: int = 1000, *, dynamic_img_size: bool = False, cuda_graphs: bool = False,
+                 graph_buckets=DEFAULT_BUCKETS, **kwargs):
         super().__init__(in_channels, patch_size, emb_size, img_size, depth, n_classes, **kwargs)
         patch_tutorial(self)
         self.dynamic_img_size = dynamic_img_size
+        use_cuda_graphs(self, cuda_graphs, graph_buckets)
 
     @property
     def dynamic_img_size(self) -> bool:
