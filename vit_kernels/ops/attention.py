@@ -37,7 +37,7 @@ from ..validate import (
 )
 from .dispatch import dispatch
 from .dropout import dropout_args, new_seed
-from .launch import Tuned, config, dot_precision, launch_grid, new_output, row_major
+from .launch import Tuned, cdiv, config, dot_precision, launch_grid, new_output, row_major
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 from .tl_helpers import tl_allowed_keys, tl_apply_dropout, tl_dropout_keep, tl_qkv_bases, tl_query_tile
 
@@ -560,7 +560,7 @@ def resident_pieces(tokens: int) -> dict:
     """KV_A/KV_B/KV_C for the resident tiling: ``tokens`` rounded up to 16 split into at most three power-of-two
     pieces, the last rounded up (197 -> 128 + 64 + 16, 240 -> 128 + 64 + 64); all 0 past RESIDENT_MAX_N."""
     pieces = []
-    rest = triton.cdiv(tokens, 16) * 16 if 0 < tokens <= RESIDENT_MAX_N else 0
+    rest = cdiv(tokens, 16) * 16 if 0 < tokens <= RESIDENT_MAX_N else 0
     while rest and len(pieces) < 3:
         piece = triton.next_power_of_2(rest) if len(pieces) == 2 else 1 << (rest.bit_length() - 1)
         pieces.append(piece)
@@ -752,7 +752,7 @@ def attention_backward(dout, qkv, out, lse, mask, num_heads, layout, scaling, dr
                                                          rope_layout)
     # per-program dW/dB partial sums of k's (dK/dV pass) and q's (dQ pass) norm: zeroed, as the autotuned tile
     # (hence the number of programs) is chosen at launch
-    partials = [torch.zeros((B * num_heads * triton.cdiv(N, MIN_TILE), 2, D), device=qkv.device,
+    partials = [torch.zeros((B * num_heads * cdiv(N, MIN_TILE), 2, D), device=qkv.device,
                             dtype=torch.float32) if rows else qkv for _ in range(2)]
     for dq, dnorm in zip((False, True), partials):
         ATTENTION_BACKWARD.launch(
@@ -771,14 +771,14 @@ def attention_backward(dout, qkv, out, lse, mask, num_heads, layout, scaling, dr
 def attention_grid(batch: int, heads: int, tokens: int, block_m: int, q_split: int = 0) -> tuple:
     """One program per (batch, head, query tile), or with ``q_split`` (the resident tiling) per (batch, head,
     part), flattened onto axis 0: batch x heads may pass 65,535."""
-    return launch_grid(batch * heads * (q_split or triton.cdiv(tokens, block_m)))
+    return launch_grid(batch * heads * (q_split or cdiv(tokens, block_m)))
 
 
 def contiguous_key_mask(mask, N):
     """A 4-D bool mask with unit stride over keys and rows padded to 16 bytes (vectorized loads); broadcast
     batch/head axes stay size 1 (read with stride 0)."""
     m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    padded = torch.zeros((m.shape[0], m.shape[1], N, triton.cdiv(N, 16) * 16), dtype=torch.bool, device=m.device)
+    padded = torch.zeros((m.shape[0], m.shape[1], N, cdiv(N, 16) * 16), dtype=torch.bool, device=m.device)
     padded[..., :N] = m
     return padded
 

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..validate import check_probability, check_tensor
 from .dispatch import dispatch
-from .launch import Tuned, config, launch_grid, new_output, row_major
+from .launch import Tuned, cdiv, config, launch_grid, new_output, row_major
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 from .tl_helpers import tl_apply_dropout
 
@@ -67,7 +67,7 @@ def dropout_launch(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tenso
     M, N = x.shape
     out = new_output((M, N), x.device, x.dtype)
     if M * N:
-        DROPOUT.launch(lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])),
+        DROPOUT.launch(lambda meta: launch_grid(cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"])),
                        x, out, M, N, x.stride(0), out.stride(0), *dropout_args(p, seed))
     return out
 

@@ -74,13 +74,26 @@ def _select(name, key, new, proven, dtype) -> bool:
     return wins
 
 
+def max_error_and_limit(got: torch.Tensor, expected: torch.Tensor, dtype) -> tuple[float, float]:
+    """The largest difference and the agreement limit; equal non-finite values (an empty attention row's -inf
+    log-sum-exp) agree, a NaN where ``expected`` has none does not (its error is NaN)."""
+    g, e = got.double(), expected.double()
+    error = torch.where(g == e, 0.0, (g - e).abs()).max().item() if g.numel() else 0.0
+    return error, agreement_limit(torch.where(e.isfinite(), e, 0.0), dtype)
+
+
+def agrees(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """``got`` within the agreement limit of ``expected`` for their dtype (integers: equal)."""
+    if not expected.dtype.is_floating_point:
+        return torch.equal(got, expected)
+    error, limit = max_error_and_limit(got, expected, expected.dtype)
+    return error <= limit
+
+
 def _agrees(name, key, got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], dtype, what: str) -> bool:
-    """Every output within the agreement limit of the proven one; equal non-finite values (an empty attention
-    row's -inf log-sum-exp) agree, a NaN where the proven path has none does not."""
+    """Every output within the agreement limit of the proven one (``max_error_and_limit``); warns otherwise."""
     for g, e in zip(got, expected):
-        g, e = g.double(), e.double()
-        error = torch.where(g == e, 0.0, (g - e).abs()).max().item() if g.numel() else 0.0
-        limit = agreement_limit(torch.where(e.isfinite(), e, 0.0), dtype)
+        error, limit = max_error_and_limit(g, e, dtype)
         if not error <= limit:  # NaN disagrees
             warnings.warn(f"vit_kernels: {name} {what} disagreed with the proven one on its first run for {key} "
                           f"(max error {error:.3g} > {limit:.3g}); using the proven one for it", RuntimeWarning,

@@ -15,8 +15,9 @@ import os
 import torch
 import triton
 
-from . import guard
+from . import fast_launch, guard
 from .dispatch import INTERPRET, record_launch
+from .fast_launch import LaunchCache
 
 # Tests set VIT_KERNELS_POISON=1: outputs start as NaN, so any element a kernel fails to write shows up.
 POISON = os.environ.get("VIT_KERNELS_POISON", "0") == "1"
@@ -44,6 +45,11 @@ def new_output(shape, device, dtype) -> torch.Tensor:
     if POISON:
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
     return torch.empty(shape, device=device, dtype=dtype)
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for host code: ``triton.cdiv`` is a constexpr function in triton 3.8, ~5 us a host call."""
+    return -(-a // b)
 
 
 def launch_grid(*dims: int) -> tuple:
@@ -95,6 +101,7 @@ class Kernel:
         self.arg_types = dict(arg_types or {})
         self.aligned = frozenset(aligned)
         self.quiet_fp = tuple(quiet_fp)
+        self.fast = LaunchCache(name, kernel.fn)  # problems launched before: relaunched without Triton's path
 
     def configs_for(self, variant: dict, arch: int | None = None) -> list:
         """The configs a launch of ``variant`` may use on a GPU of compute capability ``arch`` (e.g. 80, 90;
@@ -125,9 +132,27 @@ class Kernel:
         """``grid`` maps the config's meta-parameters to the launch grid."""
         record_launch(self.name)
         meta = dict(config.kwargs)
+        options = {**kwargs, **meta, "num_warps": config.num_warps, "num_stages": config.num_stages}
         with self._quiet():
-            self.kernel[grid(meta)](*args, **kwargs, **meta, num_warps=config.num_warps,
-                                    num_stages=config.num_stages)
+            if INTERPRET:
+                self.kernel[grid(meta)](*args, **options)
+            else:
+                self._direct_or_triton(grid, args, options, lambda: self.kernel[grid(meta)](*args, **options),
+                                       lambda: config)
+
+    def _direct_or_triton(self, grid, args, kwargs, triton_launch, config) -> None:
+        """The cached compiled kernel launched directly (``fast_launch``), or Triton's launch, whose kernel
+        (with the ``config()`` it ran) is then cached for the next launch of the problem."""
+        prepared = self.fast.prepare(args, kwargs)
+        if self.fast.launch(prepared, grid, args, triton_launch):
+            return
+        plan = fast_launch.recorder()
+        if plan is not None:
+            plan.spoil(f"{self.name} launched through Triton's path")
+        with self.fast.lock:  # the autotuner's best_config is the one this launch ran, not another thread's
+            kernel = triton_launch()
+            ran = config()
+        self.fast.remember(prepared, kernel, args, kwargs, ran.kwargs, ran.pre_hook)
 
     def _quiet(self):
         if not (INTERPRET and self.quiet_fp):
@@ -215,6 +240,12 @@ class Tuned(Kernel):
         guard.screen(self.pending[0], key, lambda c: Kernel.launch(self, grid, *args, config=c, **kwargs),
                      [named[name] for name in self.outputs], proven[0] if proven else None, candidates, config_label)
 
+    def _autotuned(self, grid, args, kwargs):
+        """Triton's autotuned launch (pending configs screened first); returns the CompiledKernel it ran."""
+        if self.pending is not None:
+            self._screen(grid, args, kwargs)
+        return self.tuned[grid](*args, **kwargs)
+
     def launch(self, grid, *args, config: triton.Config | None = None, **kwargs) -> None:
         """``config`` pins one config instead of autotuning, on a GPU and in the interpreter alike."""
         if config is not None:
@@ -225,7 +256,6 @@ class Tuned(Kernel):
                 meta = dict(self.interpret_config)
                 self.kernel[grid(meta)](*args, **kwargs, **meta)
             else:
-                if self.pending is not None:
-                    self._screen(grid, args, kwargs)
-                self.tuned[grid](*args, **kwargs)
+                self._direct_or_triton(grid, args, kwargs, lambda: self._autotuned(grid, args, kwargs),
+                                       lambda: self.tuned.best_config)
         return None

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ..validate import check_eps, check_tensor, check_vector
 from .dispatch import dispatch
-from .launch import Sized, config, launch_grid, new_output, row_major
+from .launch import Sized, cdiv, config, launch_grid, new_output, row_major
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 from .tl_helpers import tl_normalize_rows
 
@@ -93,7 +93,7 @@ def layer_norm_launch(x, weight, bias, eps):
     mean = new_output((M,), x.device, torch.float32)
     rstd = new_output((M,), x.device, torch.float32)
     if M:
-        LAYER_NORM.launch(lambda meta: launch_grid(triton.cdiv(M, meta["ROWS"])),
+        LAYER_NORM.launch(lambda meta: launch_grid(cdiv(M, meta["ROWS"])),
                           x, x if weight is None else weight, x if bias is None else bias, y, mean, rstd, M, E,
                           x.stride(0), y.stride(0), eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                           config=forward_config(E))
@@ -107,8 +107,8 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
     M, E = x.shape
     dx = new_output((M, E), x.device, x.dtype)
     programs = max(1, min(M, 4 * _sm_count(x.device)))
-    rows_per_program = triton.cdiv(M, programs) if M else 1
-    programs = triton.cdiv(M, rows_per_program) if M else 1
+    rows_per_program = cdiv(M, programs) if M else 1
+    programs = cdiv(M, rows_per_program) if M else 1
     dw_part = torch.zeros((programs, E), device=x.device, dtype=torch.float32)
     db_part = torch.zeros((programs, E), device=x.device, dtype=torch.float32)
     if M:

@@ -26,7 +26,7 @@ import triton.language as tl
 from ..validate import check_device, check_probability, check_tensor, check_vector
 from .dispatch import INTERPRET, dispatch
 from .dropout import dropout_args, dropout_op, new_seed
-from .launch import Tuned, config, dot_precision, launch_grid, new_output, row_major
+from .launch import Tuned, cdiv, config, dot_precision, launch_grid, new_output, row_major
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 from .tl_helpers import tl_activation, tl_apply_dropout
 
@@ -434,7 +434,7 @@ def gemm_grid(M, N, device):
         index = torch.cuda.current_device()
 
     def grid(meta):
-        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
         if meta.get("PERSISTENT"):
             return launch_grid(min(tiles, persistent_programs(index) * meta.get("PROGRAMS_PER_SM", 1)))
         return launch_grid(tiles)
@@ -612,7 +612,7 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
         raise ValueError(f"swiglu needs two weight blocks (gate, up) of equal rows, got blocks of {rows} rows")
     N = out_features(rows, activation)
     out = new_output((M, N), x.device, x.dtype)
-    stats = new_output((M, triton.cdiv(N, STATS_CHUNK), 2), x.device, torch.float32) if stats_out else None
+    stats = new_output((M, cdiv(N, STATS_CHUNK), 2), x.device, torch.float32) if stats_out else None
     if M and N:
         if launcher is LINEAR and tma_ready(x, weights, activation, deinterleave, norm):
             launcher = LINEAR_TMA
@@ -794,7 +794,7 @@ def linear_with_stats_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 def _(x, weight, bias, activation, scale, residual, deinterleave, dropout=0.0, seed=None, branch_scale=None,
       weight2=None, weight3=None, bias2=None, bias3=None):
     out = fake_output(x, activation, weight, weight2, weight3)
-    return out, x.new_empty((x.shape[0], triton.cdiv(out.shape[1], STATS_CHUNK), 2), dtype=torch.float32)
+    return out, x.new_empty((x.shape[0], cdiv(out.shape[1], STATS_CHUNK), 2), dtype=torch.float32)
 
 
 def _linear_with_stats_setup(ctx, inputs, output):

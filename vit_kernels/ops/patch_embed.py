@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..validate import check_device, check_tensor
 from .dispatch import dispatch
-from .launch import Tuned, config, dot_precision, launch_grid, new_output
+from .launch import Tuned, cdiv, config, dot_precision, launch_grid, new_output
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 
 
@@ -103,7 +103,7 @@ def patch_embed_launch(img, weight, bias, prefix, pos, pos_on_prefix):
         return out
     w2 = weight.reshape(E, K)  # a view of the conv weight: (c, i, j) order
     PATCH_EMBED.launch(
-        lambda meta: launch_grid(triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(E, meta["BLOCK_N"])),
+        lambda meta: launch_grid(cdiv(M, meta["BLOCK_M"]), cdiv(E, meta["BLOCK_N"])),
         img, w2, img if bias is None else bias, prefix if P else img, img if pos is None else pos, out,
         M, T, E, K, P, gw, *img.stride(), w2.stride(0), PATCH=p,
         HAS_BIAS=bias is not None, HAS_POS=pos is not None, POS_ON_PREFIX=pos_on_prefix,
