@@ -6,6 +6,7 @@ faked (a CompiledKernel whose launcher does nothing), at ViT-B/16 batch-1 shapes
 
 - ``python_us``: the op's own Python up to the launch (checks, dispatch, output allocation, grid), launch stubbed;
 - ``direct_us``: the whole call with the direct relaunch (key + launcher arguments + the no-op launcher call);
+- ``plan_us``: the call replayed from its launch plan (``ops/plans.py``: key, allocations, launches);
 - ``triton_bind_us``: what Triton's ``JITFunction.run`` spends binding this launch's arguments and building its
   cache key (``create_function_from_signature`` + ``compute_cache_key``, triton 3.8 internals) — a lower bound of
   the part the direct relaunch skips (``Autotuner.run`` and the launch metadata come on top).
@@ -28,7 +29,7 @@ import torch
 
 from vit_kernels import ops
 from vit_kernels.bench.timing import device_info, save_json
-from vit_kernels.ops import fast_launch, guard, launch
+from vit_kernels.ops import fast_launch, guard, launch, plans
 
 SECONDS = 1.0
 
@@ -129,17 +130,23 @@ def main():
         for name, call in calls.items():
             for fake in fakes.values():
                 fake.seen = None
+            plans.ENABLED = False
             call()  # Triton's (fake) launch, then cached
             direct = per_call_us(call)
+            plans.ENABLED = True
+            for _ in range(plans.ATTEMPTS):
+                call()
+            plan = per_call_us(call)
+            plans.ENABLED = False
             used = [k for k in launchers() if fakes[id(k)].seen is not None]
             saved = [launch.Kernel.launch, launch.Tuned.launch]
             launch.Kernel.launch = launch.Tuned.launch = lambda self, *a, **k: launch.record_launch(self.name)
             python = per_call_us(call)
             launch.Kernel.launch, launch.Tuned.launch = saved
             bind = sum(filter(None, (triton_bind_us(k, *fakes[id(k)].seen) for k in used))) or None
-            rows.append(dict(op=name, launches=len(used), python_us=python, direct_us=direct,
-                             direct_launch_us=direct - python, triton_bind_us=bind))
-            print(f"{name:<36} python {python:6.1f} us   with direct launch {direct:6.1f} us   "
+            rows.append(dict(op=name, launches=len(used), python_us=python, direct_us=direct, plan_us=plan,
+                             triton_bind_us=bind))
+            print(f"{name:<36} python {python:6.1f} us   with direct launch {direct:6.1f} us   plan {plan:6.1f} us   "
                   f"Triton's bind+key it skips {bind or float('nan'):6.1f} us")
     device = {**device_info(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
               "python": platform.python_version()}

@@ -16,7 +16,8 @@ from vit_kernels import cli, compile_check
 from vit_kernels.bench.ops import op_suites
 from vit_kernels.ops.registry import OpSpec, op_table, register, registered_ops
 
-INFRASTRUCTURE = {"dispatch", "fast_launch", "guard", "launch", "plans", "registry", "tl_helpers"}  # vit_kernels/ops/README.md
+# the infrastructure modules of vit_kernels/ops/README.md
+INFRASTRUCTURE = {"dispatch", "fast_launch", "guard", "launch", "plans", "registry", "tl_helpers"}
 SPECS = registered_ops()
 
 

@@ -38,6 +38,7 @@ from ..validate import (
 from .dispatch import dispatch
 from .dropout import dropout_args, new_seed
 from .launch import Tuned, cdiv, config, dot_precision, launch_grid, new_output, row_major
+from .plans import planned
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 from .tl_helpers import tl_allowed_keys, tl_apply_dropout, tl_dropout_keep, tl_qkv_bases, tl_query_tile
 
@@ -1006,6 +1007,7 @@ def check_attention(qkv, num_heads, layout, scaling, mask, dropout=0.0, **qk) ->
     return scaling
 
 
+@planned
 def attention(qkv: torch.Tensor, num_heads: int, layout: str = "h d qkv", scaling: str = "tutorial",
               mask: torch.Tensor | None = None, dropout: float = 0.0, *,
               q_norm_weight: torch.Tensor | None = None, q_norm_bias: torch.Tensor | None = None,

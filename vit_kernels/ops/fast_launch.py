@@ -22,6 +22,7 @@ import threading
 import warnings
 
 import torch
+import triton
 from triton import knobs
 
 from . import guard
@@ -50,6 +51,26 @@ _recording = threading.local()
 def recorder():
     """The launch plan being recorded on this thread (``plans.py``), or None."""
     return getattr(_recording, "active", None)
+
+
+def descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for device-side TMA descriptors (triton.set_allocator)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+try:  # Triton keeps its allocator in a ContextVar (per thread); resolved once here, read on every TMA launch
+    from triton.runtime._allocation import NullAllocator as _NullAllocator
+    from triton.runtime._allocation import _allocator as _current_allocator
+except ImportError:  # another layout of Triton's internals: always install ours
+    _NullAllocator = _current_allocator = None
+
+
+def use_descriptor_scratch() -> None:
+    """Install descriptor_scratch as Triton's allocator in this thread unless one is set there (the TMA engine's
+    launches need it; a direct launch of a kernel with global scratch calls it too: it may run on another
+    thread than the launch that compiled it)."""
+    if _current_allocator is None or isinstance(_current_allocator.get(), _NullAllocator):
+        triton.set_allocator(descriptor_scratch)
 
 
 def _hooks_active() -> bool:
@@ -117,14 +138,16 @@ class LaunchCache:
         grid3 = self._run(entry, grid, values, device)
         plan = recorder()
         if plan is not None:
-            _kernel, run, function, packed, tail, _meta, _checked = entry
+            _kernel, run, function, packed, tail, _meta, scratch, _checked = entry
             pointers = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
             plan.launches.append((self.name, run, function, packed, grid3, tuple(values), tail, pointers, device,
-                                  len(plan.allocations)))
+                                  scratch, len(plan.allocations)))
         return True
 
     def _run(self, entry, grid, values, device) -> tuple:
-        _kernel, run, function, packed, tail, meta, _checked = entry
+        _kernel, run, function, packed, tail, meta, scratch, _checked = entry
+        if scratch:
+            use_descriptor_scratch()
         g = grid(meta)
         grid3 = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
         run(*grid3, _raw_stream(device), function, packed, None, None, None, *values, *tail)
@@ -153,7 +176,9 @@ class LaunchCache:
         run = kernel.run  # first access loads the module: kernel.function is set after it
         checked = NAME in guard.VALIDATED_ON_GPU
         # the CompiledKernel itself is kept: on triton 3.8 its __del__ unloads the module
-        self.entries[key] = (kernel, run, kernel.function, kernel.packed_metadata, tuple(tail), dict(meta), checked)
+        scratch = getattr(getattr(kernel, "metadata", None), "global_scratch_size", 0) > 0
+        self.entries[key] = (kernel, run, kernel.function, kernel.packed_metadata, tuple(tail), dict(meta), scratch,
+                             checked)
 
     def _checked_launch(self, key, entry, grid, values, device, args, triton_launch) -> None:
         """The direct launch, then Triton's, from the same inputs: every tensor argument compared."""

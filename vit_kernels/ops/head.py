@@ -14,6 +14,7 @@ from .dispatch import dispatch
 from .launch import Sized, config, launch_grid, new_output, row_major
 from .layer_norm import MAX_WIDTH, WIDTHS, check_layer_norm, layer_norm, layer_norm_backward_op, layer_norm_op
 from .linear import linear
+from .plans import planned
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 from .tl_helpers import tl_normalize_rows
 
@@ -107,6 +108,7 @@ def _pool_norm_grad(ctx, dy):
 pool_norm_op.register_autograd(_pool_norm_grad, setup_context=_pool_norm_setup)
 
 
+@planned
 def pool_tokens(x: torch.Tensor, pool: str = "mean", start: int = 0, weight: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, eps: float = 1e-5, norm: bool = True) -> torch.Tensor:
     """[B, N, E] -> [B, E]: mean of tokens ``start:`` or the token at ``start``, then LayerNorm if ``norm``."""

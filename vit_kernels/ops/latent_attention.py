@@ -37,6 +37,7 @@ from ..validate import check_device, check_positive_int, check_sample_size, chec
 from .attention import LOG2E, MAX_HEAD_DIM, head_tile, scales  # the same scalings and head tile as attention
 from .dispatch import dispatch
 from .launch import Tuned, config, dot_precision, launch_grid, new_output, row_major
+from .plans import planned
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 
 QUERY_TILE = 16  # queries per launch, padded to tl.dot's smallest tile; more latents: several launches
@@ -438,6 +439,7 @@ def check_latent_attention(q, kv, num_heads, scaling, q_norm_weight, q_norm_bias
     return scaling
 
 
+@planned
 def latent_attention(q: torch.Tensor, kv: torch.Tensor, num_heads: int, *, scaling: str = "paper",
                      q_norm_weight: torch.Tensor | None = None, q_norm_bias: torch.Tensor | None = None,
                      k_norm_weight: torch.Tensor | None = None, k_norm_bias: torch.Tensor | None = None,

@@ -9,6 +9,7 @@ import triton.language as tl
 from ..validate import check_eps, check_tensor, check_vector
 from .dispatch import dispatch
 from .launch import Sized, cdiv, config, launch_grid, new_output, row_major
+from .plans import planned
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 from .tl_helpers import tl_normalize_rows
 
@@ -177,6 +178,7 @@ def check_layer_norm(x, weight, bias, eps):
     check_eps(eps)
 
 
+@planned
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last axis of ``x``; output in x's dtype, statistics in fp32."""

@@ -50,6 +50,7 @@ from .linear import (
     out_features,
     present,
 )
+from .plans import planned
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 
 
@@ -162,6 +163,7 @@ def check_stats(stats, x2: torch.Tensor) -> None:
     check_device("stats", stats, x2.device)
 
 
+@planned
 def layer_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,
                       weight: torch.Tensor | Sequence[torch.Tensor],
                       bias: torch.Tensor | Sequence[torch.Tensor | None] | None = None, *, eps: float = 1e-5,

@@ -26,7 +26,9 @@ import triton.language as tl
 from ..validate import check_device, check_probability, check_tensor, check_vector
 from .dispatch import INTERPRET, dispatch
 from .dropout import dropout_args, dropout_op, new_seed
+from .fast_launch import use_descriptor_scratch
 from .launch import Tuned, cdiv, config, dot_precision, launch_grid, new_output, row_major
+from .plans import planned
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 from .tl_helpers import tl_activation, tl_apply_dropout
 
@@ -441,24 +443,6 @@ def gemm_grid(M, N, device):
     return grid
 
 
-def descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for device-side TMA descriptors (triton.set_allocator)."""
-    return torch.empty(size, device="cuda", dtype=torch.int8)
-
-
-try:  # Triton keeps its allocator in a ContextVar (per thread); resolved once here, read on every TMA launch
-    from triton.runtime._allocation import NullAllocator as _NullAllocator
-    from triton.runtime._allocation import _allocator as _current_allocator
-except ImportError:  # another layout of Triton's internals: always install ours
-    _NullAllocator = _current_allocator = None
-
-
-def use_descriptor_scratch() -> None:
-    """Install descriptor_scratch as Triton's allocator in this thread unless one is set there."""
-    if _current_allocator is None or isinstance(_current_allocator.get(), _NullAllocator):
-        triton.set_allocator(descriptor_scratch)
-
-
 # swiglu (ACTIVATION="swiglu"): two accumulators and two weight tiles per K step, so a tile does the work of a
 # plain one twice as wide. 128x128 fits sm_90 (255 registers) but spills on sm_80 (120-160 bytes, 8 or 16 warps,
 # split epilogue or not): Hopper only (benchmarks/NOTES.md item 11: 464-498 TFLOP/s pinned on an H200, vs 391
@@ -839,6 +823,7 @@ def check_branch_scale(branch_scale, x) -> None:
     check_device("branch_scale", branch_scale, x.device)
 
 
+@planned
 def linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
            bias: torch.Tensor | Sequence[torch.Tensor | None] | None = None, activation: str | None = None,
            scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,

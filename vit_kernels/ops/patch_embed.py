@@ -16,6 +16,7 @@ import triton.language as tl
 from ..validate import check_device, check_tensor
 from .dispatch import dispatch
 from .launch import Tuned, cdiv, config, dot_precision, launch_grid, new_output
+from .plans import planned
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
 
 
@@ -193,6 +194,7 @@ def check_patch_embed(img, weight, bias, prefix, pos, pos_on_prefix):
                          f"{img.shape[2]}x{img.shape[3]} image with patch {p}")
 
 
+@planned
 def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prefix: torch.Tensor,
                 pos: torch.Tensor | None, pos_on_prefix: bool = True) -> torch.Tensor:
     """Conv patch projection + prefix tokens + position embedding.
