@@ -187,17 +187,19 @@ class Tuned(Kernel):
     that a variant cannot use (e.g. tiles that would spill registers with a heavy epilogue), and
     ``arch_keep(meta, flags, arch)`` those it cannot use on one GPU generation (compute capability ``arch``:
     80, 90; e.g. a tile that fits Hopper's registers but spills on Ampere); the sm_80/sm_90 compile check
-    walks exactly ``configs_for(flags, arch=...)`` per arch.
+    walks exactly ``configs_for(flags, arch=...)`` per arch. ``size_keep(meta, sizes)`` (sizes: the launch's
+    named arguments) drops configs the autotuner need not time for a problem size (e.g. small-M tiles at large M).
     """
 
     def __init__(self, name, kernel, configs, key, interpret_config: dict, keep=None, arch_keep=None, pending=None,
-                 outputs=(), **kwargs):
+                 outputs=(), size_keep=None, **kwargs):
         super().__init__(name, kernel, **kwargs)
         self.configs = configs
         self.key = tuple(key)
         self.interpret_config = interpret_config
         self.keep = keep or (lambda meta, flags: True)
         self.arch_keep = arch_keep or (lambda meta, flags, arch: True)
+        self.size_keep = size_keep
         # pending = (validation name, meta -> bool): new configs, screened (guard.screen) on the arguments named
         # in ``outputs`` before they may join the autotuner, until guard.VALIDATED_ON_GPU names them
         self.pending = pending
@@ -206,15 +208,16 @@ class Tuned(Kernel):
         self.tuned = triton.autotune(configs=configs, key=key, prune_configs_by={
             "early_config_prune": lambda configs, named_args, **flags: self.configs_for(
                 flags, configs, arch=device_arch(named_args), autotuning=True,
-                screen_key=self.screen_key({**named_args, **flags}))})(kernel)
+                screen_key=self.screen_key({**named_args, **flags}), sizes=named_args)})(kernel)
 
     def configs_for(self, flags: dict, configs=None, arch: int | None = None, autotuning: bool = False,
-                    screen_key=None) -> list:
-        """The configs for ``flags`` (and GPU generation ``arch``). ``autotuning``: without the pending configs
-        (compiled by the check, run pinned by the GPU tests) unless validated or, for the problem
-        ``screen_key``, screened and agreeing."""
+                    screen_key=None, sizes: dict | None = None) -> list:
+        """The configs for ``flags`` (and GPU generation ``arch``; problem ``sizes``). ``autotuning``: without the
+        pending configs (compiled by the check, run pinned by the GPU tests) unless validated or, for the
+        problem ``screen_key``, screened and agreeing."""
         kept = [c for c in (configs or self.configs)
-                if self.keep(meta_of(c), flags) and (arch is None or self.arch_keep(meta_of(c), flags, arch))]
+                if self.keep(meta_of(c), flags) and (arch is None or self.arch_keep(meta_of(c), flags, arch))
+                and (sizes is None or self.size_keep is None or self.size_keep(meta_of(c), sizes))]
         if autotuning and self.pending is not None and self.pending[0] not in guard.VALIDATED_ON_GPU:
             agreed = guard.screened(self.pending[0], screen_key)
             kept = [c for c in kept if not self.pending[1](c.kwargs) or config_label(c) in agreed]
@@ -234,7 +237,7 @@ class Tuned(Kernel):
         key = self.screen_key(named)
         if not guard.needs_screening(self.pending[0], key):
             return
-        kept = self.configs_for(kwargs, arch=device_arch(named))
+        kept = self.configs_for(kwargs, arch=device_arch(named), sizes=named)
         proven = [c for c in kept if not self.pending[1](c.kwargs)]
         candidates = [c for c in kept if self.pending[1](c.kwargs)] if proven else []
         guard.screen(self.pending[0], key, lambda c: Kernel.launch(self, grid, *args, config=c, **kwargs),

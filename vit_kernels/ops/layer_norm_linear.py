@@ -64,7 +64,7 @@ def norm_fits_arch(meta: dict, flags: dict, arch: int) -> bool:
 
 # Separate launchers (the same kernel and configs as ops.linear's) so launch counts name the fused op.
 LAYER_NORM_LINEAR = Tuned("layer_norm_linear", LINEAR.kernel, configs=LINEAR.configs, keep=LINEAR.keep,
-                          arch_keep=norm_fits_arch, **LINEAR_ARGS)
+                          arch_keep=norm_fits_arch, size_keep=LINEAR.size_keep, **LINEAR_ARGS)
 LAYER_NORM_LINEAR_GLU = Tuned("layer_norm_linear", LINEAR.kernel, configs=LINEAR_GLU.configs,
                               arch_keep=LINEAR_GLU.arch_keep, **LINEAR_ARGS)
 

@@ -344,6 +344,25 @@ LINEAR_ARGS = dict(
                "stats_out_ptr": "*fp32", "norm_eps": "fp32"},
     aligned=("stride_am", "stride_wn", "stride_wn2", "stride_wn3", "stride_rm", "stride_om", "K", "split1", "split2"),
 )
+# Small-M tiles (issue 24): at batch 1-2 (M = 197-394 tokens) the 64/128-row tiles give proj and fc2 a few
+# dozen programs on a 132-SM card (fc2 at M = 197: 48 programs of 48 serial k-steps). 32- and 16-row tiles give
+# 84-156 programs there; the autotuner times them next to the others, for M <= SMALL_M only, inference epilogues
+# only (the training ones are not where latency is bound).
+SMALL_M = 512
+SMALL_M_CONFIGS = [
+    config(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
+    config(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SPLIT_EPILOGUE=False),
+]
+
+
+def small_m_fits(meta: dict, flags: dict) -> bool:
+    return meta["BLOCK_M"] >= 64 or not (flags.get("DROPOUT") or flags.get("HAS_BRANCH_SCALE"))
+
+
+def small_m_size(meta: dict, sizes: dict) -> bool:
+    return meta["BLOCK_M"] >= 64 or sizes["M"] <= SMALL_M
+
+
 LINEAR = Tuned(
     "linear", _linear_kernel,
     configs=[
@@ -356,8 +375,10 @@ LINEAR = Tuned(
         config(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
         config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
         config(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SPLIT_EPILOGUE=False),
+        *SMALL_M_CONFIGS,
     ],
-    keep=lambda meta, flags: training_epilogue_fits(meta, flags),
+    keep=lambda meta, flags: training_epilogue_fits(meta, flags) and small_m_fits(meta, flags),
+    size_keep=small_m_size,
     **LINEAR_ARGS,
 )
 # The TMA engine (PERSISTENT=True): persistent programs over TMA descriptors, sm_90 only. A candidate next to the
@@ -386,7 +407,7 @@ TMA_TRAINING_SPILLS = {(128, 128, 2), (64, 128, 4)}
 def tma_fits(meta: dict, flags: dict) -> bool:
     """LINEAR_TMA's rule (compile check, sm_90): the pointer configs' training rule, plus the TMA tiles' own."""
     if not meta.get("PERSISTENT"):
-        return training_epilogue_fits(meta, flags)
+        return training_epilogue_fits(meta, flags) and small_m_fits(meta, flags)
     wide = flags.get("DEINTERLEAVE", 1) > 1 and meta["BLOCK_N"] > DEINTERLEAVE_MAX_BLOCK_N
     training = flags.get("DROPOUT") and flags.get("HAS_BRANCH_SCALE") and (
         meta["BLOCK_M"], meta["BLOCK_N"], meta["num_stages"]) in TMA_TRAINING_SPILLS
@@ -402,6 +423,7 @@ LINEAR_TMA = Tuned(
     "linear", _linear_kernel,
     configs=LINEAR.configs + TMA_CONFIGS,
     keep=tma_fits,
+    size_keep=small_m_size,
     arch_keep=tma_fits_arch,
     pending=("linear_tma", lambda meta: meta.get("PERSISTENT", False)),
     outputs=("out_ptr", "stats_out_ptr"),
