@@ -65,9 +65,14 @@ def choose(name: str, key: Callable[[], Hashable], x: torch.Tensor, new: Callabl
     return new(dropout) if verdict else proven(dropout)
 
 
+def _listed(outputs) -> list:
+    """A path's outputs as a list: one tensor, or a tuple of them (e.g. a GEMM's output and its statistics)."""
+    return list(outputs) if isinstance(outputs, tuple) else [outputs]
+
+
 def _select(name, key, new, proven, dtype) -> bool:
     with torch.no_grad(), uncounted():
-        wins = name in VALIDATED_ON_GPU or _agrees(name, key, [new(0.0)], [proven(0.0)], dtype, "path")
+        wins = name in VALIDATED_ON_GPU or _agrees(name, key, _listed(new(0.0)), _listed(proven(0.0)), dtype, "path")
         wins = wins and time_ms(lambda: new(0.0)) < time_ms(lambda: proven(0.0))
     with _lock:
         _verdicts[(name, key)] = wins

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..validate import check_device, check_probability, check_tensor, check_vector
+from . import guard
 from .dispatch import INTERPRET, dispatch
 from .dropout import dropout_args, dropout_op, new_seed
 from .fast_launch import use_descriptor_scratch
@@ -330,6 +331,54 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
                   stats_out_ptr, STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, out_ptr, False, False)
 
 
+@triton.jit
+def _linear_split_k_kernel(a_ptr, w_ptr, part_ptr, M, N, K, k_per_split, stride_am, stride_wn,
+                           DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Split-K, step 1 (small M): program (tile, s) multiplies the K range [s * k_per_split, (s + 1) * k_per_split)
+    of one output tile into fp32 partial sums, part[s] of [SPLITS, M, N]. One weight block, no epilogue."""
+    pid_m, pid_n = tl_grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_start = tl.program_id(1) * k_per_split
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_am + (k_start + offs_k)[None, :]
+    w_ptrs = w_ptr + (offs_n % N).to(tl.int64)[None, :] * stride_wn + (k_start + offs_k)[:, None]
+    k_end = tl.minimum(K, k_start + k_per_split)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(tl.cdiv(k_per_split, BLOCK_K)):
+        k_left = k_end - k_start - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    part = part_ptr + tl.program_id(1).to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(part, acc, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _split_k_reduce_kernel(part_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, stats_out_ptr, M, N, splits, stride_rm,
+                           stride_om, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr, STATS_OUT: tl.constexpr, STATS_CHUNK: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-K, step 2: each output tile sums its partials in split order (deterministic), then the epilogue of
+    ``ops.linear`` (bias, activation, layer scale, residual, LayerNorm statistics out) stores it."""
+    pid_n = tl.program_id(0) % tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // tl.cdiv(N, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    part = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(splits):
+        acc += tl.load(part, mask=mask, other=0.0)
+        part += M * N
+    tl_store_tile(acc, pid_m, pid_n, M, N, bias_ptr, bias_ptr, bias_ptr, N, N, scale_ptr, scale_ptr, res_ptr, out_ptr,
+                  stride_rm, stride_om, 0, 0.0, 1.0, 1, HAS_BIAS, ACTIVATION, False, HAS_SCALE, False, HAS_RESIDUAL, 1,
+                  1, stats_out_ptr, STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, False, out_ptr, False, False)
+
+
 def training_epilogue_fits(meta: dict, flags: dict) -> bool:
     """Tiles that compile spill-free with the training-only epilogues (compile check, sm_80/sm_90): Philox
     dropout and the stochastic-depth row factor each spill the 128x256 tile; 128x128 and below fit."""
@@ -602,12 +651,72 @@ def linear_with_stats_launch(x, weight, bias=None, activation=None, scale=None, 
                          weight2, weight3, bias2, bias3, stats_out=True)
 
 
+# Split-K (issue 24): at small M even 16-row tiles leave fc2's K = 3072 loop serial (48 k-steps per program at
+# M = 197). SPLIT_K's programs own (tile, K range) pairs and write fp32 partial tiles; SPLIT_K_REDUCE sums each
+# tile's partials in split order (deterministic) and runs ops.linear's epilogue. Two launches instead of one:
+# guard.choose times it against the one-launch GEMM per shape (compared until "linear_split_k" is validated).
+SPLIT_K_MIN_K = 1024
+SPLIT_K_STEP = 128  # k_per_split is a multiple of it: of every BLOCK_K below
+SPLIT_K = Tuned(
+    "linear_split_k", _linear_split_k_kernel,
+    configs=[config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+             config(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+             config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)],
+    key=["M", "N", "K", "k_per_split"], interpret_config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
+    arg_types={"part_ptr": "*fp32"}, aligned=("stride_am", "stride_wn", "K", "k_per_split"),
+)
+SPLIT_K_REDUCE = Tuned(
+    "linear_split_k_reduce", _split_k_reduce_kernel, configs=[config(4, 1, BLOCK_M=32, BLOCK_N=64)],
+    key=["M", "N", "splits"], interpret_config=dict(BLOCK_M=32, BLOCK_N=64),
+    arg_types={"part_ptr": "*fp32", "stats_out_ptr": "*fp32"}, aligned=("stride_rm", "stride_om", "N"),
+)
+
+
+def split_k_fits(M, N, K, weights, activation, deinterleave, norm, dropout, branch_scale) -> bool:
+    """Small M, long K, one weight block, an inference epilogue (no swiglu, de-interleave, LayerNorm in)."""
+    return (0 < M <= SMALL_M and N > 0 and K >= SPLIT_K_MIN_K and len(weights) == 1 and activation != "swiglu"
+            and deinterleave == 1 and norm is None and not dropout and branch_scale is None)
+
+
+def split_k_plan(M, N, K, device) -> tuple[int, int]:
+    """(splits, k_per_split): about two waves of 64x64 tiles on the card, each split >= 4 steps of 128."""
+    index = device.index if device.type == "cuda" else None
+    if index is None and device.type == "cuda":
+        index = torch.cuda.current_device()
+    tiles = cdiv(M, 64) * cdiv(N, 64)
+    splits = max(2, min(16, cdiv(2 * persistent_programs(index), tiles), K // (4 * SPLIT_K_STEP)))
+    k_per_split = cdiv(cdiv(K, splits), SPLIT_K_STEP) * SPLIT_K_STEP
+    return cdiv(K, k_per_split), k_per_split
+
+
+def split_k_launch(x, weight, bias, activation, scale, residual, stats_out=False):
+    """``gemm_launch`` of one weight block with an inference epilogue, as split-K partials + a reduction."""
+    M, K = x.shape
+    N = weight.shape[0]
+    splits, k_per_split = split_k_plan(M, N, K, x.device)
+    part = new_output((splits, M, N), x.device, torch.float32)
+    SPLIT_K.launch(lambda meta: launch_grid(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), splits),
+                   x, weight, part, M, N, K, k_per_split, x.stride(0), weight.stride(0),
+                   DOT_PRECISION=dot_precision(x.dtype))
+    out = new_output((M, N), x.device, x.dtype)
+    stats = new_output((M, cdiv(N, STATS_CHUNK), 2), x.device, torch.float32) if stats_out else None
+    dummy = x  # never read: its flag is off
+    SPLIT_K_REDUCE.launch(lambda meta: launch_grid(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),
+                          part, *(dummy if t is None else t for t in (bias, scale, residual)), out,
+                          dummy if stats is None else stats, M, N, splits,
+                          0 if residual is None else residual.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+                          ACTIVATION=activation, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None,
+                          STATS_OUT=stats_out, STATS_CHUNK=STATS_CHUNK)
+    return (out, stats) if stats_out else out
+
+
 def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deinterleave, dropout, seed, branch_scale,
-                norm=None, stats_out=False, config=None):
+                norm=None, stats_out=False, config=None, split_k=True):
     """``_linear_kernel`` through ``launcher`` (a Tuned over it) for weight blocks ``weights`` and bias blocks
     ``biases`` (None or one per block). ``norm``: (norm_weight, norm_bias, eps, stats) of a LayerNorm applied
     to x inside the K loop (stats: chunk statistics of x from its producer, or None: a pass over x first);
-    ``stats_out``: also return the output's chunk statistics, fp32 [M, cdiv(N, STATS_CHUNK), 2]."""
+    ``stats_out``: also return the output's chunk statistics, fp32 [M, cdiv(N, STATS_CHUNK), 2]. ``split_k``:
+    where ``split_k_fits``, let guard.choose pick split-K or this one-launch GEMM for the shape."""
     weights = [row_major(w) for w in weights]
     biases = None if biases is None else [row_major(b) for b in biases]
     x = row_major(x)
@@ -617,6 +726,16 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
     if activation == "swiglu" and (len(rows) != 2 or rows[0] != rows[1]):
         raise ValueError(f"swiglu needs two weight blocks (gate, up) of equal rows, got blocks of {rows} rows")
     N = out_features(rows, activation)
+    if split_k and config is None and split_k_fits(M, N, K, weights, activation, deinterleave, norm, dropout,
+                                                    branch_scale):
+        bias = None if biases is None else biases[0]
+        return guard.choose(
+            "linear_split_k",
+            lambda: (M, N, K, x.dtype, activation, bias is not None, scale is not None, residual is not None,
+                     stats_out, x.device),
+            x, lambda _: split_k_launch(x, weights[0], bias, activation, scale, residual, stats_out),
+            lambda _: gemm_launch(launcher, x, weights, biases, activation, scale, residual, deinterleave, dropout,
+                                  seed, branch_scale, norm, stats_out, split_k=False))
     out = new_output((M, N), x.device, x.dtype)
     stats = new_output((M, cdiv(N, STATS_CHUNK), 2), x.device, torch.float32) if stats_out else None
     if M and N:
@@ -956,6 +1075,14 @@ TMA_VARIANTS = tuple(v for v in VARIANTS if v["WEIGHT_BLOCKS"] == 1)
 # SwiGLU fc1 (LINEAR_GLU's configs): gate and up blocks, with dropout on or off, with and without biases
 GLU_VARIANTS = tuple({**PLAIN, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROPOUT": drop, "HAS_BIAS": bias}
                      for drop, bias in ((False, True), (True, True), (False, False)))
+# split-K at small M: fc2 + layer scale + residual (with and without statistics out), and a GELU epilogue
+SPLIT_K_VARIANTS = ({"DOT_PRECISION": "tf32"},)
+SPLIT_K_REDUCE_VARIANTS = (
+    *({"HAS_BIAS": True, "ACTIVATION": None, "HAS_SCALE": scale, "HAS_RESIDUAL": True, "STATS_OUT": stats,
+       "STATS_CHUNK": STATS_CHUNK} for scale in (False, True) for stats in (False, True)),
+    {"HAS_BIAS": True, "ACTIVATION": "gelu", "HAS_SCALE": False, "HAS_RESIDUAL": False, "STATS_OUT": False,
+     "STATS_CHUNK": STATS_CHUNK},
+)
 
 
 def _opcheck_samples(device):
@@ -1055,10 +1182,12 @@ register(OpSpec(
     fn=linear,
     summary="GEMM + bias + GELU (erf or tanh) / quick-GELU / SiLU + dropout + layer scale + stochastic depth + "
             "residual add, autotuned over two engines (cp.async tiles; on sm_90 persistent programs on TMA "
-            "descriptors); can write the tutorial's interleaved qkv as contiguous q/k/v; SwiGLU (silu(gate) * up "
+            "descriptors; at small M also 16/32-row tiles, and split-K with a fixed-order reduction chosen per shape "
+            "by timing); can write the tutorial's interleaved qkv as contiguous q/k/v; SwiGLU (silu(gate) * up "
             "from two weight blocks) in one GEMM",
     kernels=(KernelGrid(LINEAR, VARIANTS), KernelGrid(LINEAR_GLU, GLU_VARIANTS),
-             KernelGrid(LINEAR_TMA, TMA_VARIANTS, only=lambda meta: meta.get("PERSISTENT", False))),
+             KernelGrid(LINEAR_TMA, TMA_VARIANTS, only=lambda meta: meta.get("PERSISTENT", False)),
+             KernelGrid(SPLIT_K, SPLIT_K_VARIANTS), KernelGrid(SPLIT_K_REDUCE, SPLIT_K_REDUCE_VARIANTS)),
     custom_ops=(linear_op, linear_with_stats_op),
     opcheck_samples=_opcheck_samples,
     grad_cases=_grad_cases,
