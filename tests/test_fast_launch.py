@@ -62,7 +62,17 @@ def gpu_like(monkeypatch):
     monkeypatch.setattr(fast_launch, "ENABLED", True)
 
 
-def toy_kernel(tensors, wrong=False):
+def toy_kernel(tensors, wrong=False, monkeypatch=None):
+    """The toy launcher; its fake launcher resolves addresses through ``tensors`` (and, with ``monkeypatch``,
+    through the private copies the checked launch makes)."""
+    if monkeypatch is not None:
+        twin_memory = fast_launch._twin_memory
+
+        def known_twins(args):
+            twins, addresses = twin_memory(args)
+            tensors.update(zip(addresses, twins))
+            return twins, addresses
+        monkeypatch.setattr(fast_launch, "_twin_memory", known_twins)
     compiled = FakeCompiled(tensors, wrong)
     jit = FakeJit(compiled)
     return launch.Kernel("toy", jit), jit, compiled
@@ -105,9 +115,9 @@ def test_what_triton_specializes_is_in_the_key(gpu_like, monkeypatch, change):
     assert len(jit.calls) == 2 and not compiled.direct
 
 
-def test_the_first_direct_launch_is_checked_against_triton_until_validated(gpu_like):
+def test_the_first_direct_launch_is_checked_against_triton_until_validated(gpu_like, monkeypatch):
     x, out = torch.randn(16), torch.empty(16)
-    kernel, jit, compiled = toy_kernel({x.data_ptr(): x, out.data_ptr(): out})
+    kernel, jit, compiled = toy_kernel({x.data_ptr(): x, out.data_ptr(): out}, monkeypatch=monkeypatch)
     run_toy(kernel, x, out)
     run_toy(kernel, x, out)  # checked: the direct launch, then Triton's from the same inputs
     assert len(jit.calls) == 2 and len(compiled.direct) == 1
@@ -115,9 +125,9 @@ def test_the_first_direct_launch_is_checked_against_triton_until_validated(gpu_l
     assert len(jit.calls) == 2 and len(compiled.direct) == 2
 
 
-def test_a_direct_launch_that_disagrees_is_dropped_with_a_warning(gpu_like):
+def test_a_direct_launch_that_disagrees_is_dropped_with_a_warning(gpu_like, monkeypatch):
     x, out = torch.randn(16), torch.empty(16)
-    kernel, jit, compiled = toy_kernel({x.data_ptr(): x, out.data_ptr(): out}, wrong=True)
+    kernel, jit, compiled = toy_kernel({x.data_ptr(): x, out.data_ptr(): out}, wrong=True, monkeypatch=monkeypatch)
     run_toy(kernel, x, out)
     with pytest.warns(RuntimeWarning, match="direct launch disagreed"):
         run_toy(kernel, x, out)
@@ -214,3 +224,36 @@ def test_the_library_launch_sites_are_cacheable(gpu_like, monkeypatch, op):
         calls[op]()
     assert any(f.compiled.direct for f in fakes), "the second launch was not direct"
     assert all(f.calls <= 1 for f in fakes), "a launch site went through Triton twice"
+
+
+def test_the_check_leaves_the_callers_tensors_alone(gpu_like, monkeypatch):
+    """The checked launch runs on private copies: an expanded input, an inference tensor and a tensor saved for
+    backward are read, never written back (no in-place restore, no version bump)."""
+    with torch.inference_mode():
+        frozen = torch.randn(16)
+    expanded = torch.randn(1).expand(16)
+    for x in (expanded, frozen):
+        out = torch.empty(16)
+        kernel, _, compiled = toy_kernel({x.data_ptr(): x, out.data_ptr(): out}, monkeypatch=monkeypatch)
+        version = None if x.is_inference() else x._version
+        with torch.no_grad():
+            for _ in range(3):
+                run_toy(kernel, x, out)
+        assert len(compiled.direct) == 2 and (x.is_inference() or x._version == version)
+        torch.testing.assert_close(out, 2.0 * x)
+
+
+def test_unspecialized_ints_are_keyed_by_their_type_only(gpu_like):
+    class Param:
+        def __init__(self, name, do_not_specialize=False):
+            self.name, self.do_not_specialize = name, do_not_specialize
+
+    class Jit:
+        params = (Param("x_ptr"), Param("out_ptr"), Param("n", do_not_specialize=True), Param("scale"))
+
+    cache = fast_launch.LaunchCache("toy", toy, Jit())
+    x = torch.randn(4)
+    key = [cache.prepare((x, x, seed, 1.0), dict(FLAG=True))[0] for seed in (5, 123456, 2**40, 2**63)]
+    assert key[0] == key[1] and len(set(key)) == 3
+    typed = [cache.prepare((x, x, 5, 1.0), dict(FLAG=flag))[0] for flag in (True, 1, 1.0)]
+    assert len(set(typed)) == 3  # Triton compiles constexpr True, 1 and 1.0 apart

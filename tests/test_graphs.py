@@ -137,6 +137,30 @@ def test_the_key_holds_shapes_dtypes_and_arguments(fake_cuda):
             model(x.double(), scale={1.0})  # a set: not a pytree node, not hashable
 
 
+def test_the_key_holds_inference_mode_backend_and_folding(fake_cuda):
+    """Static buffers made under inference_mode cannot be written outside it, and the backend pin or LayerNorm
+    folding change what a forward launches: each is its own graph."""
+    model = graphs.use_cuda_graphs(row_net(), buckets=(4,))
+    x = torch.randn(3, 5)
+    with torch.inference_mode():
+        model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.fc(x).tanh(), **TOL)
+        with ops.use_backend("torch"):
+            model(x)
+        with vit_kernels.layer_norm_folding(False):
+            model(x)
+    assert fake_cuda.captures == 4
+
+
+def test_attention_maps_run_the_forward_eagerly(fake_cuda):
+    model = vit_kernels.accelerate(BUILDERS["tutorial"](), cuda_graphs=True, graph_buckets=(4,))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), ops.use_backend("torch"):
+        out, maps = vit_kernels.attention_maps(model, x)
+    assert out.shape[0] == 2 and len(maps) == 2 and maps[0].shape[0] == 2 and fake_cuda.captures == 0
+
+
 def test_replaced_parameters_recapture_in_place_writes_do_not(fake_cuda):
     model = graphs.use_cuda_graphs(row_net(), buckets=(4,))
     x = torch.randn(3, 5)

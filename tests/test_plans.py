@@ -126,6 +126,31 @@ def test_the_key_holds_shapes_aliasing_and_grad(fake_gpu):
     assert ops.linear.plans == before
 
 
+def test_equal_values_of_other_types_are_other_keys(fake_gpu):
+    """norm_stats=1 is not norm_stats=True: the op's own check must see it (a TypeError), not a replay."""
+    x, w, b = torch.randn(37, 48), torch.randn(48, 48), torch.randn(48)
+    with torch.no_grad():
+        for _ in range(plans.ATTEMPTS + 1):
+            ops.linear(x, w, b, norm_stats=True)
+        with pytest.raises(TypeError, match="norm_stats must be a bool"):
+            ops.linear(x, w, b, norm_stats=1)
+
+
+def test_a_planned_op_inside_a_recorded_one_records_its_launches(fake_gpu, monkeypatch):
+    x, g, b = torch.randn(37, 48), torch.randn(48), torch.randn(48)
+    twice = plans.planned(lambda x, g, b: ops.layer_norm(ops.layer_norm(x, g, b, 1e-6), g, b, 1e-6))
+    with torch.no_grad():
+        for _ in range(plans.ATTEMPTS + 1):
+            ops.layer_norm(x, g, b, 1e-6)  # the inner op has its plan before the outer one records
+        for _ in range(plans.ATTEMPTS):
+            twice(x, g, b)
+        assert any(isinstance(p, plans.Plan) for p in twice.plans.values())
+        _, replayed = run(fake_gpu, twice, (x, g, b))
+        monkeypatch.setattr(plans, "ENABLED", False)
+        _, own = run(fake_gpu, twice, (x, g, b))
+    assert len(replayed) == len(own) == 2 and [grid for grid, _ in replayed] == [grid for grid, _ in own]
+
+
 class Marked(torch.Tensor):
     """A tensor subclass (as DTensor or a fake tensor would be): never keyed, always the op's own path."""
 

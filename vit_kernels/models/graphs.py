@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..ops import dispatch
+from . import _fused
 from .patching import patch
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -56,7 +58,7 @@ class _Graph:
                 forward(*self.call_args())
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs = forward(*self.call_args())
 
     @staticmethod
@@ -70,6 +72,21 @@ class _Graph:
     def replay(self):
         self.graph.replay()
         return self.outputs
+
+
+def _after(event) -> None:
+    """Order this call's GPU work after ``event`` (a previous call's, maybe from another thread's stream)."""
+    if event is not None:
+        torch.cuda.current_stream().wait_event(event)
+
+
+def _done():
+    """An event recorded on the current stream (None without CUDA: the CPU tests' fake graphs)."""
+    if not torch.cuda.is_available():
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def _run(forward):
@@ -86,6 +103,7 @@ class GraphRunner:
         self.graphs: dict = {}
         self.tensors_seen: tuple | None = None
         self.lock = threading.Lock()
+        self.last_call = None  # a CUDA event after the last call's clones: static buffers free again
         self.pool = None
 
     def __deepcopy__(self, memo):
@@ -108,8 +126,10 @@ class GraphRunner:
         batch = check_call(model, tensors)
         with self.lock:
             self._check_parameters(model)
+            _after(self.last_call)  # the previous call's replay and clone, on whichever stream it ran
             outputs = [self._replay(eager, leaves, spec, start, min(batch - start, self.buckets[-1]))
                        for start in range(0, batch, self.buckets[-1])]
+            self.last_call = _done()
         return outputs[0] if len(outputs) == 1 else pytree.tree_map(_cat_batches(batch), *outputs)
 
     def _check_parameters(self, model: nn.Module) -> None:
@@ -144,16 +164,19 @@ class GraphRunner:
 
 def graph_key(leaves: list, spec, bucket: int) -> tuple:
     """What a graph depends on besides the parameters: the bucket, each tensor's shape past the batch axis,
-    dtype and device, every other argument (by value), the argument structure, and autocast."""
-    described = tuple((tuple(v.shape[1:]), v.dtype, v.device) if isinstance(v, torch.Tensor) else ("value", v)
+    dtype and device, every other argument (by type and value), the argument structure, autocast and settings."""
+    described = tuple((tuple(v.shape[1:]), v.dtype, v.device) if isinstance(v, torch.Tensor) else (type(v), v)
                       for v in leaves)
     autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    # the global settings a forward reads: inference mode (its tensors cannot be written outside it), the
+    # kernels' backend pin, LayerNorm folding
+    settings = (torch.is_inference_mode_enabled(), dispatch._backend, _fused._fold_layer_norm)
     try:
         hash(described)
     except TypeError as e:
         raise TypeError("cuda_graphs: every argument besides the batched tensors must be hashable (it selects "
                         f"the graph); got {[type(v).__name__ for v in leaves]}") from e
-    return bucket, described, str(spec), autocast
+    return bucket, described, str(spec), autocast, settings
 
 
 def _static_inputs(leaves: list, bucket: int) -> list:
@@ -212,8 +235,11 @@ def check_call(model: nn.Module, tensors: list) -> int:
 
 
 def graphed_forward(model: nn.Module, *args, **kwargs):
-    """The patched ``model.forward``: the graph runner around the forward that served before."""
+    """The patched ``model.forward``: the graph runner around the forward that served before (eager while
+    ``attention_maps`` records: the maps are collected by the forward's Python, which a replay skips)."""
     eager = model.__dict__.get(EAGER) or type(model).forward.__get__(model)
+    if _fused._attention_maps is not None:
+        return eager(*args, **kwargs)
     return model.__dict__[RUNNER](model, eager, args, kwargs)
 
 

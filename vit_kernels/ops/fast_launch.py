@@ -80,14 +80,22 @@ def _hooks_active() -> bool:
                 or getattr(runtime.launch_exit_hook, "calls", runtime.launch_exit_hook))
 
 
+def _int_type(value: int) -> str:
+    return "i32" if -2**31 <= value < 2**31 else "u64" if value >= 2**63 else "i64"
+
+
 class LaunchCache:
     """The compiled kernels of one ``@triton.jit`` function, by problem key."""
 
-    def __init__(self, name: str, fn):
+    def __init__(self, name: str, fn, jit=None):
         self.name = name
         parameters = list(inspect.signature(fn).parameters.values())
         self.param_names = [p.name for p in parameters]
         self.constexpr = frozenset(p.name for p in parameters if "constexpr" in str(p.annotation))
+        # ints Triton does not specialize on their value (do_not_specialize, e.g. a dropout seed): keyed by the
+        # integer type Triton picks for them (i32 / i64 / u64), not by value, so a new seed is not a new problem
+        unspecialized = {p.name for p in getattr(jit, "params", ()) if getattr(p, "do_not_specialize", False)}
+        self.unspecialized = frozenset(i for i, name in enumerate(self.param_names) if name in unspecialized)
         self.entries: dict = {}
         self.lock = threading.RLock()  # held around a Triton launch and the read of its config (re-entered: screening)
 
@@ -97,13 +105,15 @@ class LaunchCache:
         if not ENABLED:
             return None
         device = _current_device()
-        key = [device, *kwargs.items()]
+        key = [device]
+        for name, value in kwargs.items():  # by type and value: Triton compiles True, 1 and 1.0 apart
+            key += (name, type(value), value)
         values = []
         add_key, add_value = key.append, values.append
-        for a in args:  # the hot loop of every cached launch: exact type checks first
+        for position, a in enumerate(args):  # the hot loop of every cached launch: exact type checks first
             kind = type(a)
             if kind is int:
-                add_key(a)
+                add_key(a if position not in self.unspecialized else _int_type(a))
                 add_value(a)
             elif kind is _Tensor or kind is _Parameter or isinstance(a, torch.Tensor):
                 pointer = a.data_ptr()
@@ -181,17 +191,52 @@ class LaunchCache:
                              checked)
 
     def _checked_launch(self, key, entry, grid, values, device, args, triton_launch) -> None:
-        """The direct launch, then Triton's, from the same inputs: every tensor argument compared."""
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        """The direct launch on private copies of every tensor argument's memory, then Triton's on the arguments
+        themselves: the two results compared. The caller's tensors are written once, by Triton's launch (never
+        restored in place: they may be expanded, inference tensors, or saved for backward)."""
+        tensors = [(position, a) for position, a in enumerate(args) if isinstance(a, torch.Tensor)]
         with torch.no_grad():
-            before = [t.clone() for t in tensors]
-            self._run(entry, grid, values, device)
-            direct = [t.clone() for t in tensors]
-            for t, b in zip(tensors, before):
-                t.copy_(b)
+            twins, moved = _twin_memory([t for _, t in tensors])
+            direct_values = list(values)
+            for (position, _), address in zip(tensors, moved):
+                direct_values[position] = address
+            self._run(entry, grid, direct_values, device)
             triton_launch()
-            agreed = all(guard.agrees(d, t) for d, t in zip(direct, tensors))
+            agreed = all(guard.agrees(twin, t) for twin, (_, t) in zip(twins, tensors))
         self.entries[key] = (*entry[:-1], True) if agreed else _REFUSED
         if not agreed:
             warnings.warn(f"vit_kernels: {self.name}'s direct launch disagreed with Triton's launch of the same "
                           f"kernel for {key}; Triton's launch path serves that problem", RuntimeWarning, stacklevel=4)
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Bytes from t's first element to just past its last."""
+    return (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size() if t.numel() else 0
+
+
+def _twin_memory(tensors: list) -> tuple[list, list]:
+    """Copies of the memory of ``tensors`` — one copy per storage, of the bytes its tensors span, so tensors that
+    share memory still share it — and, per tensor, a view of its twin and the twin's address."""
+    spans: dict = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        start, end = t.data_ptr(), t.data_ptr() + _extent(t)
+        low, high = spans.get(storage.data_ptr(), (start, end))
+        spans[storage.data_ptr()] = (min(low, start), max(high, end))
+    copies = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        low, high = spans[storage.data_ptr()]
+        if storage.data_ptr() not in copies:
+            data = torch.empty(0, dtype=torch.uint8, device=t.device)
+            data.set_(storage, low - storage.data_ptr(), (high - low,), (1,))
+            copies[storage.data_ptr()] = (low, data.clone())
+    twins, addresses = [], []
+    for t in tensors:
+        low, copy = copies[t.untyped_storage().data_ptr()]
+        address = copy.data_ptr() + (t.data_ptr() - low)
+        twin = torch.empty(0, dtype=t.dtype, device=t.device)
+        twin.set_(copy.untyped_storage(), (t.data_ptr() - low) // t.element_size(), t.shape, t.stride())
+        twins.append(twin)
+        addresses.append(address)
+    return twins, addresses

@@ -81,15 +81,16 @@ def _select(name, key, new, proven, dtype) -> bool:
 
 def max_error_and_limit(got: torch.Tensor, expected: torch.Tensor, dtype) -> tuple[float, float]:
     """The largest difference and the agreement limit; equal non-finite values (an empty attention row's -inf
-    log-sum-exp) agree, a NaN where ``expected`` has none does not (its error is NaN)."""
+    log-sum-exp, NaN on both sides) agree, a NaN where ``expected`` has none does not (its error is NaN)."""
     g, e = got.double(), expected.double()
-    error = torch.where(g == e, 0.0, (g - e).abs()).max().item() if g.numel() else 0.0
+    same = (g == e) | (g.isnan() & e.isnan())
+    error = torch.where(same, 0.0, (g - e).abs()).max().item() if g.numel() else 0.0
     return error, agreement_limit(torch.where(e.isfinite(), e, 0.0), dtype)
 
 
 def agrees(got: torch.Tensor, expected: torch.Tensor) -> bool:
     """``got`` within the agreement limit of ``expected`` for their dtype (integers: equal)."""
-    if not expected.dtype.is_floating_point:
+    if torch.equal(got, expected) or not expected.dtype.is_floating_point:
         return torch.equal(got, expected)
     error, limit = max_error_and_limit(got, expected, expected.dtype)
     return error <= limit

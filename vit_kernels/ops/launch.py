@@ -101,7 +101,7 @@ class Kernel:
         self.arg_types = dict(arg_types or {})
         self.aligned = frozenset(aligned)
         self.quiet_fp = tuple(quiet_fp)
-        self.fast = LaunchCache(name, kernel.fn)  # problems launched before: relaunched without Triton's path
+        self.fast = LaunchCache(name, kernel.fn, kernel)  # problems launched before: relaunched without Triton's path
 
     def configs_for(self, variant: dict, arch: int | None = None) -> list:
         """The configs a launch of ``variant`` may use on a GPU of compute capability ``arch`` (e.g. 80, 90;

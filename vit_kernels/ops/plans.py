@@ -61,7 +61,7 @@ def describe(value, tensors: list, pointers: dict):
         return (value.shape, value.stride(), value.dtype, value.device, pointer & 15, alias, value.requires_grad)
     if kind is tuple or kind is list:
         return kind, tuple([describe(v, tensors, pointers) for v in value])
-    return value
+    return kind, value  # by type too: True == 1 == 1.0 hash alike, but the op's checks tell them apart
 
 
 def call_key(args: tuple, kwargs: dict, tensors: list) -> tuple:
@@ -72,7 +72,8 @@ def call_key(args: tuple, kwargs: dict, tensors: list) -> tuple:
     for name, value in kwargs.items():
         key.append(name)
         key.append(describe(value, tensors, pointers))
-    key += (dispatch._backend, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    key += (dispatch._backend, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+            fast_launch._current_device())
     return tuple(key)
 
 
@@ -91,14 +92,18 @@ def planned(fn):
             return fn(*args, **kwargs)
         if not tensors or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return fn(*args, **kwargs)
+        if fast_launch.recorder() is not None:  # inside an op being recorded: its launches belong to that plan
+            return fn(*args, **kwargs)
         try:
             plan = plans.get(key)
         except TypeError:  # an unhashable argument
             return fn(*args, **kwargs)
         if plan is not None and plan is not _UNPLANNED and not isinstance(plan, int):
+            if fast_launch._hooks_active():  # a profiler's launch hooks see Triton's launches only
+                return fn(*args, **kwargs)
             return plan.replay(tensors)
-        if plan is _UNPLANNED or fast_launch.recorder() is not None or len(plans) >= MAX_PLANS:
-            return fn(*args, **kwargs)  # (an op called by an op being recorded: part of the outer plan)
+        if plan is _UNPLANNED or len(plans) >= MAX_PLANS:
+            return fn(*args, **kwargs)
         result, recorded = _record(fn, args, kwargs, tensors)
         tries = (plan or 0) + 1
         plans[key] = recorded or (tries if tries < ATTEMPTS else _UNPLANNED)
