@@ -1077,11 +1077,11 @@ GLU_VARIANTS = tuple({**PLAIN, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROP
                      for drop, bias in ((False, True), (True, True), (False, False)))
 # split-K at small M: fc2 + layer scale + residual (with and without statistics out), and a GELU epilogue
 SPLIT_K_VARIANTS = ({"DOT_PRECISION": "tf32"},)
-SPLIT_K_REDUCE_VARIANTS = (
+SPLIT_K_REDUCE_VARIANTS = (  # STATS_CHUNK: the GPU's (PLAIN's), whatever the interpreter's is here
     *({"HAS_BIAS": True, "ACTIVATION": None, "HAS_SCALE": scale, "HAS_RESIDUAL": True, "STATS_OUT": stats,
-       "STATS_CHUNK": STATS_CHUNK} for scale in (False, True) for stats in (False, True)),
+       "STATS_CHUNK": PLAIN["STATS_CHUNK"]} for scale in (False, True) for stats in (False, True)),
     {"HAS_BIAS": True, "ACTIVATION": "gelu", "HAS_SCALE": False, "HAS_RESIDUAL": False, "STATS_OUT": False,
-     "STATS_CHUNK": STATS_CHUNK},
+     "STATS_CHUNK": PLAIN["STATS_CHUNK"]},
 )
 
 
