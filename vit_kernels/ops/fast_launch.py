@@ -209,8 +209,8 @@ class LaunchCache:
                           f"kernel for {key}; Triton's launch path serves that problem", RuntimeWarning, stacklevel=4)
 
 
-def _extent(t: torch.Tensor) -> int:
-    """Bytes from t's first element to just past its last."""
+def extent(t: torch.Tensor) -> int:
+    """Bytes from t's first element to just past its last (0 for an empty tensor)."""
     return (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size() if t.numel() else 0
 
 
@@ -220,7 +220,7 @@ def _twin_memory(tensors: list) -> tuple[list, list]:
     spans: dict = {}
     for t in tensors:
         storage = t.untyped_storage()
-        start, end = t.data_ptr(), t.data_ptr() + _extent(t)
+        start, end = t.data_ptr(), t.data_ptr() + extent(t)
         low, high = spans.get(storage.data_ptr(), (start, end))
         spans[storage.data_ptr()] = (min(low, start), max(high, end))
     copies = {}

@@ -501,10 +501,15 @@ def persistent_programs(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def cuda_index(device: torch.device) -> int | None:
+    """The CUDA device index of ``device`` (the current one for a bare "cuda"); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def gemm_grid(M, N, device):
-    index = device.index if device.type == "cuda" else None
-    if index is None and device.type == "cuda":
-        index = torch.cuda.current_device()
+    index = cuda_index(device)
 
     def grid(meta):
         tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
@@ -680,11 +685,8 @@ def split_k_fits(M, N, K, weights, activation, deinterleave, norm, dropout, bran
 
 def split_k_plan(M, N, K, device) -> tuple[int, int]:
     """(splits, k_per_split): about two waves of 64x64 tiles on the card, each split >= 4 steps of 128."""
-    index = device.index if device.type == "cuda" else None
-    if index is None and device.type == "cuda":
-        index = torch.cuda.current_device()
     tiles = cdiv(M, 64) * cdiv(N, 64)
-    splits = max(2, min(16, cdiv(2 * persistent_programs(index), tiles), K // (4 * SPLIT_K_STEP)))
+    splits = max(2, min(16, cdiv(2 * persistent_programs(cuda_index(device)), tiles), K // (4 * SPLIT_K_STEP)))
     k_per_split = cdiv(cdiv(K, splits), SPLIT_K_STEP) * SPLIT_K_STEP
     return cdiv(K, k_per_split), k_per_split
 

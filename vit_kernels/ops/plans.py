@@ -194,9 +194,9 @@ class Plan:
         return _rebuild(self.result, tensors, allocated)
 
 
-def _extent(t: torch.Tensor) -> int:
-    """Bytes from t's first element to just past its last."""
-    return (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size() if t.numel() else 1
+def _span(t: torch.Tensor) -> int:
+    """``fast_launch.extent``, at least 1 byte: an empty tensor still owns the address it points at."""
+    return max(fast_launch.extent(t), 1)
 
 
 def _source_of(address: int, inputs: list, allocations: list):
@@ -206,14 +206,14 @@ def _source_of(address: int, inputs: list, allocations: list):
     found = None
     for index, t in inputs:
         start = t.data_ptr()
-        if start <= address < start + _extent(t):
+        if start <= address < start + _span(t):
             if found is not None and found[2] != start:
                 return None
             found = found or (0, index, start)
     if found is None:
         for index in reversed(range(len(allocations))):
             t = allocations[index]
-            if t.data_ptr() <= address < t.data_ptr() + _extent(t):
+            if t.data_ptr() <= address < t.data_ptr() + _span(t):
                 found = (1, index, t.data_ptr())
                 break
     return None if found is None else (found[0], found[1], address - found[2])
