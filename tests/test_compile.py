@@ -58,9 +58,24 @@ def test_sass_shows_each_engine(results):
     assert all("sass" not in r for r in results if r["arch"] == "sm_80")
 
 
+def test_sass_shows_programmatic_dependent_launch(results):
+    """PDL variants (sm_90 only) wait with griddepcontrol.wait (ACQBULK) — PDL=2 after prefetching weight rows into
+    L2 (CCTL.E.PF2) — and the pointer engine lets the next kernel launch (PREEXIT); the other cases do neither."""
+    compiled = [r for r in results if not r.get("skipped") and r["arch"] == "sm_90"]
+    pdl = [r for r in compiled if "PDL=" in r["case"]]
+    assert {r["case"].split("[")[0] for r in pdl} == {"linear", "layer_norm_linear"}
+    assert not [r for r in results if "PDL=" in r["case"] and r["arch"] == "sm_80" and not r.get("skipped")]
+    for r in pdl:
+        sass = r["sass"]
+        assert sass["ACQBULK"] == 1 and bool(sass["CCTL.E.PF2"]) == ("PDL=2" in r["case"]), r
+        assert bool(sass["PREEXIT"]) == ("PERSISTENT=True" not in r["case"]), r
+    assert all(not r["sass"]["ACQBULK"] and not r["sass"]["PREEXIT"] for r in compiled if "PDL=" not in r["case"])
+
+
 def test_sass_table_lists_the_sm90_cases(results):
     from vit_kernels.cli import sass_table
 
     table = sass_table(results).splitlines()
-    assert table[0].startswith("| UTMALDG | UTMASTG | HGMMA | LDGSTS | HMMA | regs | case |")
+    assert table[0].startswith("| UTMALDG | UTMASTG | HGMMA | LDGSTS | HMMA | ACQBULK | PREEXIT | CCTL.E.PF2 | regs "
+                               "| case |")
     assert len(table) - 2 == sum(1 for r in results if r["arch"] == "sm_90" and r["dtype"] == "bf16" and r.get("sass"))

@@ -2,6 +2,7 @@
 refusals, on/off/restore/copies. On CPU a fake graph stands in for torch.cuda.CUDAGraph: it captures by
 running the forward on the static inputs and replays by recomputing into the same static outputs, so every
 aliasing mistake a real graph would expose shows here too. The GPU-marked tests capture real graphs."""
+import contextlib
 import copy
 import pickle
 import threading
@@ -25,6 +26,7 @@ class FakeGraph:
 
     def __init__(self, forward, inputs, spec, pool):
         self.forward, self.inputs, self.spec = forward, inputs, spec
+        self.pdl = ops.pdl.enabled()  # captured as the PDL candidate
         for _ in range(graphs.WARMUP_RUNS):
             self.run()
         self.outputs = self.run()
@@ -34,9 +36,10 @@ class FakeGraph:
     def new_pool():
         return object()
 
-    def run(self):
+    def run(self):  # a replay runs what was captured: with PDL where the capture had it
         FakeGraph.runs += 1
-        return self.forward(*pytree.tree_unflatten(self.inputs, self.spec))
+        with ops.pdl.launches() if self.pdl else contextlib.nullcontext():
+            return self.forward(*pytree.tree_unflatten(self.inputs, self.spec))
 
     def replay(self):
         pytree.tree_map(lambda static, new: static.copy_(new) if isinstance(static, torch.Tensor) else None,
@@ -252,6 +255,64 @@ def test_threads_get_their_own_results(fake_cuda):
         t.join()
     for x, out in zip(inputs, results):
         torch.testing.assert_close(out, model.fc(x).tanh(), **TOL)
+
+
+class PdlSensitiveNet(RowNet):
+    """A forward whose PDL capture computes something else: what a wrong PDL kernel would look like."""
+
+    def forward(self, x, scale=1.0, as_dict=False):
+        return super().forward(x, scale, as_dict) + (1.0 if ops.pdl.enabled() else 0.0)
+
+
+@pytest.fixture
+def pdl_candidates(fake_cuda, monkeypatch):
+    """PDL "available" (the fake graphs' forwards hold no GEMM launches) and a timer that reads each graph's
+    ``ms`` (set by the test per kind: PDL or plain)."""
+    ms = {True: 1.0, False: 2.0}
+    monkeypatch.setattr(ops.pdl, "available", lambda device: True)
+    monkeypatch.setattr(ops.guard, "time_ms", lambda replay: ms[replay.__self__.pdl])
+    return ms
+
+
+@pytest.mark.parametrize("pdl_faster", [True, False])
+def test_the_faster_of_the_pdl_and_plain_graphs_is_kept(pdl_candidates, pdl_faster):
+    pdl_candidates[True] = 1.0 if pdl_faster else 3.0
+    model = graphs.use_cuda_graphs(row_net(), buckets=(4,))
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.fc(x).tanh(), **TOL)
+        model(x)
+    runner = graphs.graph_runner(model)
+    assert FakeGraph.captures == 2  # plain + PDL, once per key
+    ((key, graph),) = runner.graphs.items()
+    assert graph.pdl == pdl_faster
+    assert runner.pdl_verdicts == {key: (pdl_faster, 2.0, pdl_candidates[True])}
+    model.double()  # recapture: the verdicts go with the graphs
+    with torch.no_grad():
+        model(x.double())
+    assert len(runner.pdl_verdicts) == 1 and FakeGraph.captures == 4
+
+
+def test_a_pdl_graph_that_disagrees_is_dropped_until_validated(pdl_candidates, monkeypatch):
+    torch.manual_seed(0)
+    model = graphs.use_cuda_graphs(PdlSensitiveNet().eval(), buckets=(4,))
+    x = torch.randn(2, 5)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="programmatic dependent launch disagreed"):
+        out = model(x)
+    torch.testing.assert_close(out, model.fc(x).tanh(), **TOL)  # the plain graph, though PDL "is faster"
+    assert list(graphs.graph_runner(model).pdl_verdicts.values()) == [(False, None, None)]
+    monkeypatch.setattr(ops.guard, "VALIDATED_ON_GPU", frozenset({ops.pdl.NAME}))
+    model = graphs.use_cuda_graphs(PdlSensitiveNet().eval(), buckets=(4,))
+    with torch.no_grad():  # validated: timed only, so this (wrong) candidate would win: the check is what guards
+        torch.testing.assert_close(model(x), model.fc(x).tanh() + 1.0, **TOL)
+
+
+def test_no_pdl_candidate_where_it_is_unavailable(fake_cuda, monkeypatch):
+    monkeypatch.setattr(ops.pdl, "available", lambda device: False)
+    model = graphs.use_cuda_graphs(PdlSensitiveNet().eval(), buckets=(4,))
+    with torch.no_grad():
+        model(torch.randn(2, 5))
+    assert FakeGraph.captures == 1 and not graphs.graph_runner(model).pdl_verdicts
 
 
 LOW_TOL = dict(rtol=2e-2, atol=2e-2)  # another batch may pick other tiles: 16-bit rounding differs, not the math

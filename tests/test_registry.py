@@ -17,7 +17,7 @@ from vit_kernels.bench.ops import op_suites
 from vit_kernels.ops.registry import OpSpec, op_table, register, registered_ops
 
 # the infrastructure modules of vit_kernels/ops/README.md
-INFRASTRUCTURE = {"dispatch", "fast_launch", "guard", "launch", "plans", "registry", "tl_helpers"}
+INFRASTRUCTURE = {"dispatch", "fast_launch", "guard", "launch", "pdl", "plans", "registry", "tl_helpers"}
 SPECS = registered_ops()
 
 

@@ -57,8 +57,9 @@ def _signature(launcher, constexprs, dtype):
 
 
 # SASS opcodes that show a design is real: TMA loads and stores, Hopper warpgroup MMAs, the cp.async loads and
-# warp-level MMAs of the pointer engine
-SASS_OPCODES = ("UTMALDG", "UTMASTG", "HGMMA", "LDGSTS", "HMMA")
+# warp-level MMAs of the pointer engine; programmatic dependent launch's wait (griddepcontrol.wait), its
+# early launch of the next kernel (griddepcontrol.launch_dependents) and L2 prefetches (prefetch.global.L2)
+SASS_OPCODES = ("UTMALDG", "UTMASTG", "HGMMA", "LDGSTS", "HMMA", "ACQBULK", "PREEXIT", "CCTL.E.PF2")
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:
@@ -80,9 +81,10 @@ def _resource_usage(cubin: bytes) -> dict:
 
 
 def sass_counts(cubin: bytes) -> dict:
-    """How many instructions of each SASS_OPCODES opcode (with any modifiers) the kernel's code holds."""
-    opcodes = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", _cuobjdump(cubin, "-sass"), re.M)
-    return {op: sum(1 for found in opcodes if found == op) for op in SASS_OPCODES}
+    """How many instructions of each SASS_OPCODES opcode the kernel's code holds: an opcode named without
+    modifiers counts it with any, one named with them (CCTL.E.PF2) counts exactly that."""
+    opcodes = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", _cuobjdump(cubin, "-sass"), re.M)
+    return {op: sum(1 for found in opcodes if found == op or found.split(".")[0] == op) for op in SASS_OPCODES}
 
 
 _case_list = None

@@ -9,16 +9,22 @@ choices there, never inside a capture), captures it into a graph, then replays. 
 bucket (rows of a ViT never mix, so the padding rows change nothing in the real ones), copied into the graph's
 static inputs, and the outputs whose first axis is the bucket are cut back to the batch and cloned: the
 caller owns them. A batch above the largest bucket runs as several replays of that bucket.
+
+On sm_90 and newer a second graph of each key is captured with programmatic dependent launch on the GEMMs
+(``ops/pdl.py``): the two are replayed on the same inputs, their outputs compared (until "pdl" is in
+``guard.VALIDATED_ON_GPU``; a disagreement keeps the plain graph, with a warning) and timed, and the faster
+one is kept (``GraphRunner.pdl_verdicts`` records each choice and its times).
 """
 from __future__ import annotations
 
 import threading
+import warnings
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..ops import dispatch
+from ..ops import dispatch, guard, pdl
 from . import _fused
 from .patching import patch
 
@@ -105,6 +111,7 @@ class GraphRunner:
         self.lock = threading.Lock()
         self.last_call = None  # a CUDA event after the last call's clones: static buffers free again
         self.pool = None
+        self.pdl_verdicts: dict = {}  # graph key -> (PDL kept, ms without, ms with); module docstring
 
     def __deepcopy__(self, memo):
         return GraphRunner(self.buckets)
@@ -118,6 +125,7 @@ class GraphRunner:
     def reset(self) -> None:
         """Drop every captured graph (their memory returns to PyTorch's caching allocator)."""
         self.graphs.clear()
+        self.pdl_verdicts.clear()
         self.pool = None
 
     def __call__(self, model: nn.Module, eager, args: tuple, kwargs: dict):
@@ -152,14 +160,43 @@ class GraphRunner:
         bucket = bucket_for(size, self.buckets)
         key = graph_key(leaves, spec, bucket)
         graph = self.graphs.get(key)
-        if graph is None:  # warmed up and captured on this batch's values (guard.py compares on real data)
-            inputs = _fill(_static_inputs(leaves, bucket), leaves, start, size)
-            if self.pool is None:
-                self.pool = _Graph.new_pool()  # shared by the buckets: only one replays at a time
-            graph = self.graphs[key] = _Graph(_run(eager), inputs, spec, self.pool)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(eager, leaves, spec, start, size, bucket, key)
         else:
             _fill(graph.inputs, leaves, start, size)
         return pytree.tree_map(lambda t: _owned(t, bucket, size), graph.replay())
+
+    def _capture(self, eager, leaves: list, spec, start: int, size: int, bucket: int, key: tuple) -> _Graph:
+        """The graph for ``key``, warmed up and captured on this batch's values (guard.py compares on real data):
+        the plain one, or where PDL is available the faster of it and the PDL one (module docstring)."""
+        if self.pool is None:
+            self.pool = _Graph.new_pool()  # shared by the buckets and candidates: only one replays at a time
+
+        def capture():
+            return _Graph(_run(eager), _fill(_static_inputs(leaves, bucket), leaves, start, size), spec, self.pool)
+
+        plain = capture()
+        device = next(leaf.device for leaf in leaves if isinstance(leaf, torch.Tensor))
+        if not pdl.available(device):
+            return plain
+        with pdl.launches():
+            with_pdl = capture()
+        return with_pdl if self._pdl_wins(key, plain, with_pdl) else plain
+
+    def _pdl_wins(self, key: tuple, plain: _Graph, with_pdl: _Graph) -> bool:
+        """Same outputs (until validated) and less time per replay (the better of two alternating timings)."""
+        expected = [t.clone() if isinstance(t, torch.Tensor) else t for t in pytree.tree_leaves(plain.replay())]
+        got = pytree.tree_leaves(with_pdl.replay())
+        if pdl.NAME not in guard.VALIDATED_ON_GPU and not all(
+                guard.agrees(g, e) if isinstance(e, torch.Tensor) else g == e for g, e in zip(got, expected)):
+            warnings.warn(f"vit_kernels: the graph with programmatic dependent launch disagreed with the plain one "
+                          f"for {key[:2]}; replaying the plain one", RuntimeWarning, stacklevel=4)
+            self.pdl_verdicts[key] = (False, None, None)
+            return False
+        times = [guard.time_ms(graph.replay) for _ in range(2) for graph in (plain, with_pdl)]
+        without, with_ = min(times[0::2]), min(times[1::2])
+        self.pdl_verdicts[key] = (with_ < without, without, with_)
+        return with_ < without
 
 
 def graph_key(leaves: list, spec, bucket: int) -> tuple:

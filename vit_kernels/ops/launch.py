@@ -24,6 +24,7 @@ POISON = os.environ.get("VIT_KERNELS_POISON", "0") == "1"
 
 MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0; axes 1 and 2 stop at 65,535
 MAX_GRID_YZ = 65535
+PDL_MIN_ARCH = 90
 
 
 def config(num_warps: int, num_stages: int, **meta) -> triton.Config:
@@ -215,6 +216,8 @@ class Tuned(Kernel):
         """The configs for ``flags`` (and GPU generation ``arch``; problem ``sizes``). ``autotuning``: without the
         pending configs (compiled by the check, run pinned by the GPU tests) unless validated or, for the
         problem ``screen_key``, screened and agreeing."""
+        if flags.get("PDL") and arch is not None and arch < PDL_MIN_ARCH:
+            return []  # griddepcontrol (programmatic dependent launch, ops/pdl.py) exists from sm_90 on
         kept = [c for c in (configs or self.configs)
                 if self.keep(meta_of(c), flags) and (arch is None or self.arch_keep(meta_of(c), flags, arch))
                 and (sizes is None or self.size_keep is None or self.size_keep(meta_of(c), sizes))]

@@ -206,6 +206,7 @@ VARIANTS = (
     {**NORMED, "ACTIVATION": "gelu"},  # fc1
     {**NORMED, "ACTIVATION": "gelu", "DROPOUT": True},  # fc1 in training
     {**NORMED, "NORM_STATS": "prepass", "HAS_SCALE": True, "HAS_RESIDUAL": True},  # proj / fc2 after an inner norm
+    {**NORMED, "ACTIVATION": "gelu", "PDL": 2},  # fc1 in the graph runner's PDL captures (sm_90)
 )
 GLU_VARIANTS = tuple({**NORMED, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROPOUT": drop} for drop in (False, True))
 

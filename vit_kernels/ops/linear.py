@@ -24,14 +24,14 @@ import triton
 import triton.language as tl
 
 from ..validate import check_device, check_probability, check_tensor, check_vector
-from . import guard
+from . import guard, pdl
 from .dispatch import INTERPRET, dispatch
 from .dropout import dropout_args, dropout_op, new_seed
 from .fast_launch import use_descriptor_scratch
 from .launch import Tuned, cdiv, config, dot_precision, launch_grid, new_output, row_major
 from .plans import planned
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
-from .tl_helpers import tl_activation, tl_apply_dropout
+from .tl_helpers import tl_activation, tl_apply_dropout, tl_dependent_launch_wait
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "quick_gelu", "silu", "swiglu")
 # LayerNorm statistics travel between GEMMs per STATS_CHUNK-column chunk of a row (a divisor of every
@@ -265,14 +265,21 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
                    NORM_WEIGHT: tl.constexpr, NORM_BIAS: tl.constexpr, STATS_OUT: tl.constexpr,
                    STATS_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr, PERSISTENT: tl.constexpr = False,
-                   PROGRAMS_PER_SM: tl.constexpr = 1):
+                   PROGRAMS_PER_SM: tl.constexpr = 1, PDL: tl.constexpr = 0):
     """The pointer engine: one output tile per program, cp.async loads masked along K. PERSISTENT: the TMA
     engine instead (tl_linear_persistent; one weight block, no LayerNorm in, no swiglu), PROGRAMS_PER_SM of them
     per SM (read by the launch grid only: two where a config's shared memory lets two CTAs share an SM).
     LayerNorm in (NORM_STATS "partials" or "prepass", ops.layer_norm_linear): x is the raw input of a
     LayerNorm, normalized tile by tile in the K loop with its rows' statistics (tl_input_row_stats).
     Statistics out (STATS_OUT): the epilogue also writes per-chunk statistics of the stored output, which the
-    next layer_norm_linear reads as "partials" instead of a pass over x."""
+    next layer_norm_linear reads as "partials" instead of a pass over x.
+    PDL (launched as a programmatic dependent launch, ops/pdl.py): 1 waits for the previous kernel before any
+    read or write, 2 first prefetches the weight rows of the program's first tile into L2; the pointer engine
+    lets the next kernel launch once its K loop is done."""
+    if PDL:
+        first_n = tl_grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)[1] * BLOCK_N
+        tl_dependent_launch_wait(PDL, w_ptr, tl_weight_row((first_n + tl.arange(0, BLOCK_N)) % N, N, DEINTERLEAVE)
+                                 .to(tl.int64), stride_wn, K)
     if PERSISTENT:
         tl_linear_persistent(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stats_out_ptr, M, N, K,
                              stride_am, stride_wn, stride_rm, stride_om, seed, dropout_p, keep_scale,
@@ -317,6 +324,8 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
             u_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if PDL:  # the epilogue is left: the next kernel's programs may start their own pre-wait work
+        tl.extra.cuda.gdc_launch_dependents()
 
     if GATED:  # silu(gate + bias) * (up + bias2): the epilogue then sees one tile, with no bias or activation
         if HAS_BIAS:
@@ -765,7 +774,7 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
             DEINTERLEAVE=deinterleave, WEIGHT_BLOCKS=len(weights), DOT_PRECISION=dot_precision(x.dtype),
             NORM_STATS=None if norm is None else "prepass" if stats_in is None else "partials",
             NORM_WEIGHT=norm_weight is not None, NORM_BIAS=norm_bias is not None, STATS_OUT=stats_out,
-            STATS_CHUNK=STATS_CHUNK, config=config)
+            STATS_CHUNK=STATS_CHUNK, config=config, **pdl.gemm_options(x, len(weights) == 1 and activation != "swiglu"))
     return (out, stats) if stats_out else out
 
 
@@ -1072,11 +1081,18 @@ VARIANTS = (
     *({**PLAIN, "HAS_SCALE": True, "HAS_RESIDUAL": True, "STATS_OUT": True, "DROPOUT": drop, "HAS_BRANCH_SCALE": drop}
       for drop in (False, True)),
 )
+# inside the graph runner's PDL captures (sm_90 only): proj / fc2, fc1, the tutorial's qkv with the weight
+# prefetch; Hugging Face's three q/k/v blocks wait only
+PDL_VARIANTS = (
+    {**PLAIN, "HAS_SCALE": True, "HAS_RESIDUAL": True, "PDL": 2}, {**PLAIN, "ACTIVATION": "gelu", "PDL": 2},
+    {**PLAIN, "DEINTERLEAVE": 3, "PDL": 2}, {**PLAIN, "WEIGHT_BLOCKS": 3, "PDL": 1},
+)
 # the TMA engine serves one weight block (the pointer grid builds LINEAR_TMA's other configs)
-TMA_VARIANTS = tuple(v for v in VARIANTS if v["WEIGHT_BLOCKS"] == 1)
+TMA_VARIANTS = tuple(v for v in VARIANTS + PDL_VARIANTS if v["WEIGHT_BLOCKS"] == 1)
 # SwiGLU fc1 (LINEAR_GLU's configs): gate and up blocks, with dropout on or off, with and without biases
-GLU_VARIANTS = tuple({**PLAIN, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROPOUT": drop, "HAS_BIAS": bias}
-                     for drop, bias in ((False, True), (True, True), (False, False)))
+GLU_VARIANTS = (*({**PLAIN, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROPOUT": drop, "HAS_BIAS": bias}
+                   for drop, bias in ((False, True), (True, True), (False, False))),
+                {**PLAIN, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "PDL": 1})
 # split-K at small M: fc2 + layer scale + residual (with and without statistics out), and a GELU epilogue
 SPLIT_K_VARIANTS = ({"DOT_PRECISION": "tf32"},)
 SPLIT_K_REDUCE_VARIANTS = (  # STATS_CHUNK: the GPU's (PLAIN's), whatever the interpreter's is here
@@ -1187,7 +1203,7 @@ register(OpSpec(
             "descriptors; at small M also 16/32-row tiles, and split-K with a fixed-order reduction chosen per shape "
             "by timing); can write the tutorial's interleaved qkv as contiguous q/k/v; SwiGLU (silu(gate) * up "
             "from two weight blocks) in one GEMM",
-    kernels=(KernelGrid(LINEAR, VARIANTS), KernelGrid(LINEAR_GLU, GLU_VARIANTS),
+    kernels=(KernelGrid(LINEAR, VARIANTS + PDL_VARIANTS), KernelGrid(LINEAR_GLU, GLU_VARIANTS),
              KernelGrid(LINEAR_TMA, TMA_VARIANTS, only=lambda meta: meta.get("PERSISTENT", False)),
              KernelGrid(SPLIT_K, SPLIT_K_VARIANTS), KernelGrid(SPLIT_K_REDUCE, SPLIT_K_REDUCE_VARIANTS)),
     custom_ops=(linear_op, linear_with_stats_op),

@@ -2,12 +2,12 @@
 
 An op call's host time is mostly its own Python — checks, argument lists, grids — not the GPU's work
 (benchmarks/NOTES.md, items 4 and 16). ``@planned`` on a public op keys each call on what decides every one of
-those steps: each tensor argument's shape, strides, dtype, device, 16-byte alignment and which earlier argument
-it aliases, every other argument by value, the backend setting and autocast. A call of a key seen before, with
-nothing for autograd to record and outside torch.compile, is replayed: its outputs allocated as recorded, its
-compiled kernels launched directly (``fast_launch``) with the new tensors' addresses, its result built as the
-same views of them. The checks ran — and passed — for the recorded call of that key, and each depends only on
-what the key holds, so they hold again.
+those steps: each tensor argument's shape, strides, dtype, device, 16-byte alignment and which earlier argument it
+aliases, every other argument by value, the backend setting, autocast and PDL (``pdl.launches``). A call of a key
+seen before, with nothing for autograd to record and outside torch.compile, is replayed: its outputs allocated as
+recorded, its compiled kernels launched directly (``fast_launch``) with the new tensors' addresses, its result
+built as the same views of them. The checks ran — and passed — for the recorded call of that key, and each depends
+only on what the key holds, so they hold again.
 
 A plan is recorded from a normal call of the op whose only work was direct launches of checked kernels: a
 ``TorchDispatchMode`` watches it, and any other tensor operation (a copy, a fill, a cast, a comparison by
@@ -23,7 +23,7 @@ import os
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import dispatch, fast_launch
+from . import dispatch, fast_launch, pdl
 
 ENABLED = os.environ.get("VIT_KERNELS_LAUNCH_PLANS", "1") != "0"
 ATTEMPTS = 5  # recordings per key (the first calls tune, check and choose) before it is left to the normal path
@@ -73,7 +73,7 @@ def call_key(args: tuple, kwargs: dict, tensors: list) -> tuple:
         key.append(name)
         key.append(describe(value, tensors, pointers))
     key += (dispatch._backend, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-            fast_launch._current_device())
+            fast_launch._current_device(), pdl.enabled())
     return tuple(key)
 
 

@@ -128,3 +128,30 @@ def tl_query_tile(qkv_ptr, mask_ptr, N, H, E, stride_b, stride_n, stride_mb, str
                 other=0.0)
     mask_rows = mask_ptr + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mq
     return bh, b, h, offs_m, row_ok, q, k_base, v_base, d_off, d_mask, mask_rows
+
+
+# --- programmatic dependent launch (ops/pdl.py) ---------------------------------------------------------
+@triton.jit
+def tl_prefetch_rows(ptr, rows, stride, K):
+    """Ask L2 for every 128-byte line of ``rows`` (int64 [R]) x K elements of a row-major matrix: issued before
+    a dependent launch's wait, while the previous kernel still runs. A prefetch returns nothing to registers,
+    so it cannot read a stale value: the loads after the wait see the previous kernel's writes. Eight lines of
+    each row per step (one line per step spilled the 128x256 tile's registers, compile check, triton 3.8)."""
+    LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+    LINES: tl.constexpr = 8
+    offs = tl.arange(0, LINES) * LINE
+    for k in range(tl.cdiv(K, LINE * LINES)):
+        cols = tl.minimum(k * LINE * LINES + offs, K - 1)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptr + rows[:, None] * stride +
+                                  cols[None, :]], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def tl_dependent_launch_wait(PDL: tl.constexpr, w_ptr, rows, stride_w, K):
+    """PDL=1: wait for the previous kernel (its writes visible) before this kernel reads or writes anything;
+    PDL=2: first prefetch this program's weight rows into L2 (weights are never the previous kernel's output
+    in a forward, and a prefetch is only a hint). PDL=0: nothing (no griddepcontrol: sm_80 lacks it)."""
+    if PDL == 2:
+        tl_prefetch_rows(w_ptr, rows, stride_w, K)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
