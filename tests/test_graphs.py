@@ -264,6 +264,27 @@ class PdlSensitiveNet(RowNet):
         return super().forward(x, scale, as_dict) + (1.0 if ops.pdl.enabled() else 0.0)
 
 
+class StaleWhenPdl(RowNet):
+    """A PDL forward returning the previous call's result: what a kernel reading its input before the previous
+    kernel wrote it would see."""
+
+    last = None
+
+    def forward(self, x, scale=1.0, as_dict=False):
+        y = super().forward(x, scale, as_dict)
+        if not ops.pdl.enabled():
+            return y
+        previous, self.last = self.last, y.clone()
+        return y if previous is None else previous
+
+
+class FailsWithPdl(RowNet):
+    def forward(self, x, scale=1.0, as_dict=False):
+        if ops.pdl.enabled():
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return super().forward(x, scale, as_dict)
+
+
 @pytest.fixture
 def pdl_candidates(fake_cuda, monkeypatch):
     """PDL "available" (the fake graphs' forwards hold no GEMM launches) and a timer that reads each graph's
@@ -305,6 +326,36 @@ def test_a_pdl_graph_that_disagrees_is_dropped_until_validated(pdl_candidates, m
     model = graphs.use_cuda_graphs(PdlSensitiveNet().eval(), buckets=(4,))
     with torch.no_grad():  # validated: timed only, so this (wrong) candidate would win: the check is what guards
         torch.testing.assert_close(model(x), model.fc(x).tanh() + 1.0, **TOL)
+
+
+def test_a_pdl_graph_reading_stale_inputs_is_caught(pdl_candidates):
+    """Its outputs are compared after a replay on other inputs: the same inputs twice would hide a stale read."""
+    torch.manual_seed(0)
+    model = graphs.use_cuda_graphs(StaleWhenPdl().eval(), buckets=(4,))
+    x = torch.randn(3, 5)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="disagreed"):
+        torch.testing.assert_close(model(x), model.fc(x).tanh(), **TOL)
+
+
+def test_a_failing_pdl_capture_leaves_the_plain_graph(pdl_candidates):
+    torch.manual_seed(0)
+    model = graphs.use_cuda_graphs(FailsWithPdl().eval(), buckets=(4,))
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="failed .*RuntimeError: operation not permitted"):
+            model(x)
+        torch.testing.assert_close(model(x), model.fc(x).tanh(), **TOL)  # served, without another capture
+    assert FakeGraph.captures == 1 and list(graphs.graph_runner(model).pdl_verdicts.values()) == [(False, None, None)]
+
+
+def test_the_plain_graph_is_plain_inside_a_callers_pdl_block(pdl_candidates):
+    model = graphs.use_cuda_graphs(row_net(), buckets=(4,))
+    pdl_candidates[True] = 1.99  # faster, but not by the margin
+    with torch.no_grad(), ops.pdl.launches():
+        model(torch.randn(2, 5))
+    runner = graphs.graph_runner(model)
+    ((graph, verdict),) = zip(runner.graphs.values(), runner.pdl_verdicts.values())
+    assert not graph.pdl and verdict == (False, 2.0, 1.99)
 
 
 def test_no_pdl_candidate_where_it_is_unavailable(fake_cuda, monkeypatch):

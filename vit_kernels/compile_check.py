@@ -80,11 +80,28 @@ def _resource_usage(cubin: bytes) -> dict:
     return {key.lower(): int(val) for key, val in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text)}
 
 
-def sass_counts(cubin: bytes) -> dict:
-    """How many instructions of each SASS_OPCODES opcode the kernel's code holds: an opcode named without
-    modifiers counts it with any, one named with them (CCTL.E.PF2) counts exactly that."""
-    opcodes = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", _cuobjdump(cubin, "-sass"), re.M)
+# global-memory instructions: none may precede a dependent launch's wait (ACQBULK) in a PDL kernel
+GLOBAL_MEMORY_OPCODES = frozenset({"LDG", "LDGSTS", "STG", "LD", "ST", "ATOM", "ATOMG", "RED", "UTMALDG", "UTMASTG",
+                                   "UBLKCP", "UTMAPF"})
+
+
+def sass_opcodes(cubin: bytes) -> list:
+    """The kernel's SASS opcodes in code order, with their modifiers (e.g. HGMMA.64x128x16.F32.BF16)."""
+    return re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", _cuobjdump(cubin, "-sass"), re.M)
+
+
+def sass_counts(opcodes: list) -> dict:
+    """How many instructions of each SASS_OPCODES opcode the code holds: an opcode named without modifiers
+    counts it with any, one named with them (CCTL.E.PF2) counts exactly that."""
     return {op: sum(1 for found in opcodes if found == op or found.split(".")[0] == op) for op in SASS_OPCODES}
+
+
+def memory_before_wait(opcodes: list) -> list:
+    """The global-memory instructions placed before the first griddepcontrol.wait (ACQBULK); all of them
+    without one."""
+    bases = [op.split(".")[0] for op in opcodes]
+    wait = bases.index("ACQBULK") if "ACQBULK" in bases else len(bases)
+    return [opcodes[i] for i in range(wait) if bases[i] in GLOBAL_MEMORY_OPCODES]
 
 
 _case_list = None
@@ -116,7 +133,10 @@ def check_case(job) -> dict:
                                   options={"num_warps": warps, "num_stages": stages})
         usage = _resource_usage(compiled.asm["cubin"])
         if arch >= 90:
-            result["sass"] = sass_counts(compiled.asm["cubin"])
+            opcodes = sass_opcodes(compiled.asm["cubin"])
+            result["sass"] = sass_counts(opcodes)
+            if constexprs.get("PDL"):
+                result["memory_before_wait"] = memory_before_wait(opcodes)
         shared = compiled.metadata.shared
         result.update(shared=shared, registers=usage.get("reg"), spill_bytes=usage.get("local", 0) +
                       usage.get("stack", 0))

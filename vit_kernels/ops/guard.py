@@ -47,7 +47,7 @@ def time_ms(fn: Callable[[], object]) -> float:
     """The selector's timer: median milliseconds of ``fn()`` (tests replace it with a fake)."""
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=10, rep=50)
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
 def choose(name: str, key: Callable[[], Hashable], x: torch.Tensor, new: Callable[[float], torch.Tensor],

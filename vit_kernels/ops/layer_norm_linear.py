@@ -206,9 +206,11 @@ VARIANTS = (
     {**NORMED, "ACTIVATION": "gelu"},  # fc1
     {**NORMED, "ACTIVATION": "gelu", "DROPOUT": True},  # fc1 in training
     {**NORMED, "NORM_STATS": "prepass", "HAS_SCALE": True, "HAS_RESIDUAL": True},  # proj / fc2 after an inner norm
-    {**NORMED, "ACTIVATION": "gelu", "PDL": 2},  # fc1 in the graph runner's PDL captures (sm_90)
 )
-GLU_VARIANTS = tuple({**NORMED, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROPOUT": drop} for drop in (False, True))
+# inside the graph runner's PDL captures (sm_90 only): every inference variant (ops/linear.py's PDL_VARIANTS)
+PDL_VARIANTS = tuple({**v, "PDL": 2 if v["WEIGHT_BLOCKS"] == 1 else 1} for v in VARIANTS if not v["DROPOUT"])
+GLU_VARIANTS = (*({**NORMED, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROPOUT": drop} for drop in (False, True)),
+                {**NORMED, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "PDL": 1})
 
 
 def _opcheck_samples(device):
@@ -290,7 +292,7 @@ register(OpSpec(
     summary="LayerNorm applied to the x tiles inside the next GEMM (row statistics from the producing GEMM's "
             "epilogue, or one pass over the rows), with every `ops.linear` epilogue: no normalized copy; the "
             "unfused backward",
-    kernels=(KernelGrid(LAYER_NORM_LINEAR, VARIANTS), KernelGrid(LAYER_NORM_LINEAR_GLU, GLU_VARIANTS)),
+    kernels=(KernelGrid(LAYER_NORM_LINEAR, VARIANTS + PDL_VARIANTS), KernelGrid(LAYER_NORM_LINEAR_GLU, GLU_VARIANTS)),
     custom_ops=(layer_norm_linear_op,),
     opcheck_samples=_opcheck_samples,
     grad_cases=_grad_cases,

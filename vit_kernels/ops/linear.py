@@ -1081,12 +1081,11 @@ VARIANTS = (
     *({**PLAIN, "HAS_SCALE": True, "HAS_RESIDUAL": True, "STATS_OUT": True, "DROPOUT": drop, "HAS_BRANCH_SCALE": drop}
       for drop in (False, True)),
 )
-# inside the graph runner's PDL captures (sm_90 only): proj / fc2, fc1, the tutorial's qkv with the weight
-# prefetch; Hugging Face's three q/k/v blocks wait only
-PDL_VARIANTS = (
-    {**PLAIN, "HAS_SCALE": True, "HAS_RESIDUAL": True, "PDL": 2}, {**PLAIN, "ACTIVATION": "gelu", "PDL": 2},
-    {**PLAIN, "DEINTERLEAVE": 3, "PDL": 2}, {**PLAIN, "WEIGHT_BLOCKS": 3, "PDL": 1},
-)
+# inside the graph runner's PDL captures (sm_90 only) every inference variant, and proj / fc2 without layer scale
+# (ViT-B's), with the weight prefetch (PDL=2) where one weight block; Hugging Face's three q/k/v blocks wait only
+PDL_VARIANTS = tuple({**v, "PDL": 2 if v["WEIGHT_BLOCKS"] == 1 else 1} for v in (
+    *(v for v in VARIANTS if not v["DROPOUT"] and not v["HAS_BRANCH_SCALE"]),
+    {**PLAIN, "HAS_RESIDUAL": True}, {**PLAIN, "HAS_RESIDUAL": True, "STATS_OUT": True}))
 # the TMA engine serves one weight block (the pointer grid builds LINEAR_TMA's other configs)
 TMA_VARIANTS = tuple(v for v in VARIANTS + PDL_VARIANTS if v["WEIGHT_BLOCKS"] == 1)
 # SwiGLU fc1 (LINEAR_GLU's configs): gate and up blocks, with dropout on or off, with and without biases

@@ -11,8 +11,9 @@ during its epilogue. What it saves: the launch gap and prologue of each GEMM ins
 its weight fetch — worth most where a forward is a chain of short kernels (small batches).
 
 PDL is on only inside ``launches()``, which the graph runner (``models/graphs.py``) uses to capture a second
-graph of the same forward: both graphs are replayed, their outputs compared, and the faster kept per graph
-key, so PDL can make a served model neither slower nor different. ``VIT_KERNELS_PDL=0`` turns it off.
+graph of the same forward: until "pdl" is in ``guard.VALIDATED_ON_GPU`` the PDL graph's outputs must equal the
+plain graph's bit for bit (PDL changes no arithmetic), and it is kept only where its replay is faster by more
+than timing noise (``graphs.PDL_MARGIN``). ``VIT_KERNELS_PDL=0`` turns it off.
 sm_80 has no ``griddepcontrol``: PDL is never used below sm_90, nor in the interpreter.
 """
 from __future__ import annotations
@@ -47,10 +48,11 @@ def enabled() -> bool:
 
 
 @contextlib.contextmanager
-def launches():
-    """GEMMs launched in this block (on this thread) use PDL where ``available``."""
+def launches(on: bool = True):
+    """GEMMs launched in this block (on this thread) use PDL where ``available`` (``on=False``: they do not,
+    whatever an enclosing block says)."""
     previous = enabled()
-    _state.on = True
+    _state.on = on
     try:
         yield
     finally:
