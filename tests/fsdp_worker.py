@@ -1,6 +1,7 @@
 """Run by tests/test_fsdp.py: two gloo processes train an accelerated timm ViT with FSDP2 (``fully_shard`` per
-block and on the root) and rank 0 compares it with timm's own model trained in one process on the whole batch.
-Prints one JSON line: the losses and the largest parameter difference after the steps."""
+block and on the root) and rank 0 compares it with timm's own model trained in one process on the whole batch;
+then the trained model is saved sharded (torch.distributed.checkpoint) and loaded into a fresh sharded model.
+Writes one JSON file: the losses, the largest parameter difference after the steps, the reload's result."""
 import copy
 import json
 import os
@@ -21,7 +22,34 @@ def data():
     return torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
 
 
-def worker(rank: int, world: int, port: int, result_path: str) -> None:
+def shard(model, mesh):
+    for blk in model.blocks:
+        fully_shard(blk, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def reload(model, x, checkpoint_dir, mesh, timm_model) -> dict:
+    """Save the trained model sharded (torch.distributed.checkpoint), load it into a fresh sharded accelerated
+    model: its largest parameter difference and whether its forward equals the trained one's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    import vit_kernels
+
+    dcp.save(get_model_state_dict(model), checkpoint_id=checkpoint_dir)
+    fresh = shard(vit_kernels.accelerate(timm_model(seed=1).train()), mesh)
+    state = get_model_state_dict(fresh)
+    dcp.load(state, checkpoint_id=checkpoint_dir)
+    set_model_state_dict(fresh, state)
+    diff = max((p.full_tensor() - q.full_tensor()).abs().max().item()
+               for p, q in zip(fresh.parameters(), model.parameters(), strict=True))
+    with torch.no_grad():
+        same = torch.equal(fresh.eval()(x), model.eval()(x))
+    return dict(max_param_diff=diff, same_forward=same)
+
+
+def worker(rank: int, world: int, port: int, result_path: str, checkpoint_dir: str) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from frameworks import timm_model
 
@@ -33,9 +61,7 @@ def worker(rank: int, world: int, port: int, result_path: str) -> None:
     single = copy.deepcopy(model)  # timm's own model, one process, the whole batch
     vit_kernels.accelerate(model)
     mesh = init_device_mesh("cpu", (world,))
-    for blk in model.blocks:
-        fully_shard(blk, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    shard(model, mesh)
     x, y = data()
     part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -51,6 +77,7 @@ def worker(rank: int, world: int, port: int, result_path: str) -> None:
         losses.append(mean.item() / world)
     launches = ops.launch_counts()
     params = {n: p.full_tensor() for n, p in model.named_parameters()}
+    reloaded = reload(model, x[part], checkpoint_dir, mesh, timm_model)
     if rank == 0:
         opt = torch.optim.SGD(single.parameters(), lr=LR)
         expected = []
@@ -65,10 +92,10 @@ def worker(rank: int, world: int, port: int, result_path: str) -> None:
                                                                    timm_model().parameters(), strict=True))
         with open(result_path, "w") as f:
             json.dump(dict(losses=losses, expected=expected, max_param_diff=diff, min_param_change=moved,
-                           launches=launches), f)
+                           launches=launches, reloaded=reloaded), f)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    port, result_path = int(sys.argv[1]), sys.argv[2]
-    mp.spawn(worker, args=(2, port, result_path), nprocs=2, join=True)
+    port, result_path, checkpoint_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    mp.spawn(worker, args=(2, port, result_path, checkpoint_dir), nprocs=2, join=True)

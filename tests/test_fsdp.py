@@ -1,5 +1,6 @@
 """FSDP2 on an accelerated model: two gloo processes on CPU, ``fully_shard`` per block, the kernels in the
-interpreter; the sharded steps equal timm's own model trained in one process on the whole batch."""
+interpreter; the sharded steps equal timm's own model trained in one process on the whole batch, and a sharded
+checkpoint (torch.distributed.checkpoint) loads back into a fresh sharded model exactly."""
 import json
 import os
 import socket
@@ -22,8 +23,8 @@ def test_fsdp2_per_block_trains_an_accelerated_timm_model(tmp_path):
     result = tmp_path / "result.json"
     worker = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, worker, str(free_port()), str(result)], env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run([sys.executable, worker, str(free_port()), str(result), str(tmp_path / "checkpoint")],
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(result.read_text())
     launches = out["launches"]  # 2 blocks x 2 steps on the kernels, forward and backward
@@ -32,3 +33,4 @@ def test_fsdp2_per_block_trains_an_accelerated_timm_model(tmp_path):
     for got, expected in zip(out["losses"], out["expected"], strict=True):
         assert abs(got - expected) <= 1e-4 * abs(expected) + 1e-5, out
     assert out["max_param_diff"] <= 1e-4, out
+    assert out["reloaded"] == dict(max_param_diff=0.0, same_forward=True), out  # the sharded checkpoint round trip

@@ -1,6 +1,8 @@
-"""Training through the kernels: the example script, and DistributedDataParallel (gloo, two processes)."""
+"""Training through the kernels: the example script (one process, and FSDP2 with activation checkpointing under
+torchrun), and DistributedDataParallel (gloo, two processes)."""
 import os
 import runpy
+import subprocess
 import sys
 
 import pytest
@@ -16,11 +18,39 @@ TINY = tutorial_kwargs("tiny_timm", depth=1, n_classes=5)  # 17 tokens, emb 48, 
 
 
 def test_example_training_loop_lowers_the_loss(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["train.py", "--steps", "6", "--batch", "4"])
+    monkeypatch.setattr(sys, "argv", ["train.py", "--steps", "3", "--batch", "2"])
     losses = runpy.run_path(os.path.join(ROOT, "examples", "train.py"))["main"]()
     out = capsys.readouterr().out
-    assert "img/s" in out and "(triton)" in out
+    assert "img/s" in out and "(none, 1 process, fp16, triton)" in out
     assert losses[-1] < losses[0]
+
+
+def run_example(*args, torchrun=None):
+    command = [sys.executable, os.path.join(ROOT, "examples", "train.py"), *args]
+    if torchrun:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun)]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo, interpreter) check")
+def test_example_trains_under_torchrun_with_fsdp2_and_checkpointing():
+    proc = run_example("--strategy", "fsdp", "--steps", "2", "--batch", "2", "--grad-checkpointing", torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step")]
+    assert len(steps) == 2, proc.stdout  # rank 0 prints
+    assert all("(fsdp, 2 processes, fp16, triton)" in line and "img/s" in line and "MB" in line for line in steps)
+
+
+def test_example_refuses_bad_arguments(monkeypatch):
+    example = runpy.run_path(os.path.join(ROOT, "examples", "train.py"))
+    for bad in (["--steps", "0"], ["--batch", "-1"], ["--strategy", "zero"]):
+        with pytest.raises(SystemExit):
+            example["main"](bad)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="choose --strategy ddp or fsdp"):
+        example["main"](["--strategy", "none"])
 
 
 def _ddp_worker(rank, world, port, images, labels, result_path):

@@ -66,8 +66,9 @@ def choose(name: str, key: Callable[[], Hashable], x: torch.Tensor, new: Callabl
 
 
 def _listed(outputs) -> list:
-    """A path's outputs as a list: one tensor, or a tuple of them (e.g. a GEMM's output and its statistics)."""
-    return list(outputs) if isinstance(outputs, tuple) else [outputs]
+    """A path's outputs as a list: one tensor, or the tensors of a tuple (e.g. a GEMM's output and its
+    statistics; None entries, outputs not asked for, left out)."""
+    return [o for o in outputs if o is not None] if isinstance(outputs, tuple) else [outputs]
 
 
 def _select(name, key, new, proven, dtype) -> bool:

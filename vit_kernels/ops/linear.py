@@ -28,10 +28,10 @@ from . import guard, pdl
 from .dispatch import INTERPRET, dispatch
 from .dropout import dropout_args, dropout_op, new_seed
 from .fast_launch import use_descriptor_scratch
-from .launch import Tuned, cdiv, config, dot_precision, launch_grid, new_output, row_major
+from .launch import Sized, Tuned, cdiv, config, dot_precision, launch_grid, new_output, row_major
 from .plans import planned
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
-from .tl_helpers import tl_activation, tl_apply_dropout, tl_dependent_launch_wait
+from .tl_helpers import tl_activation, tl_activation_grad, tl_apply_dropout, tl_dependent_launch_wait
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "quick_gelu", "silu", "swiglu")
 # LayerNorm statistics travel between GEMMs per STATS_CHUNK-column chunk of a row (a divisor of every
@@ -274,12 +274,12 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
     Statistics out (STATS_OUT): the epilogue also writes per-chunk statistics of the stored output, which the
     next layer_norm_linear reads as "partials" instead of a pass over x.
     PDL (launched as a programmatic dependent launch, ops/pdl.py): 1 waits for the previous kernel before any
-    read or write, 2 first prefetches the weight rows of the program's first tile into L2; the pointer engine
-    lets the next kernel launch once its K loop is done."""
-    if PDL:
+    read or write, 2 first prefetches the weight rows of the program's first tile into L2 (not in the split-
+    epilogue 128x256 tiles); the pointer engine lets the next kernel launch once its K loop is done."""
+    if PDL:  # no prefetch in the 128x256 tiles: at 255 registers it spills them (compile check)
         first_n = tl_grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)[1] * BLOCK_N
-        tl_dependent_launch_wait(PDL, w_ptr, tl_weight_row((first_n + tl.arange(0, BLOCK_N)) % N, N, DEINTERLEAVE)
-                                 .to(tl.int64), stride_wn, K)
+        tl_dependent_launch_wait(1 if SPLIT_EPILOGUE else PDL, w_ptr, tl_weight_row(
+            (first_n + tl.arange(0, BLOCK_N)) % N, N, DEINTERLEAVE).to(tl.int64), stride_wn, K)
     if PERSISTENT:
         tl_linear_persistent(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stats_out_ptr, M, N, K,
                              stride_am, stride_wn, stride_rm, stride_om, seed, dropout_p, keep_scale,
@@ -819,36 +819,28 @@ WEIGHT_ARGS, BIAS_ARGS, SCALE_ARG, RESIDUAL_ARG = (1, 10, 11), (2, 12, 13), 4, 5
 
 def linear_backward(dy, x, weights, biases, activation, scale, deinterleave, dropout, seed, branch_scale, needs):
     """(dx, dweights, dbiases, dscale) for the weight blocks ``weights`` and bias blocks ``biases`` (None or
-    one per block; dweights / dbiases: one entry per block, None where not needed). The GEMMs are cuBLAS
-    through torch.mm (allowed for the plain GEMMs of backward): dW is one GEMM split into per-block views, dx
-    one GEMM on the blocks' concatenation (a backward-only temporary). The pre-activation is recomputed with
-    our kernel, reading the blocks in place, only when the activation or scale needs it (swiglu: one GEMM
-    over the gate and up blocks gives both), and the dropout mask is regenerated from the seed by the dropout
-    kernel."""
-    dy32 = dy.float()
-    if branch_scale is not None:  # each sample's rows carry its stochastic-depth factor
-        dy32 = (dy32.view(branch_scale.shape[0], -1, dy32.shape[1]) * branch_scale[:, None, None]).view(dy32.shape)
+    one per block; dweights / dbiases: one entry per block, None where not needed). The pre-activation is
+    recomputed with our kernel, reading the blocks in place, only when the activation or scale needs it
+    (swiglu: one GEMM over the gate and up blocks gives both); the elementwise part (stochastic depth, the
+    dropout mask regenerated from the seed, layer scale, the activation's derivative, the bias and scale sums)
+    is one pass of ``_linear_grad_kernel``, chosen per shape by guard.choose against ``grad_epilogue_torch``
+    (swiglu: that one). The GEMMs are cuBLAS through torch.mm (allowed for the plain GEMMs of backward): dW is
+    one GEMM split into per-block views, dx one GEMM on the blocks' concatenation (a backward-only temporary)."""
+    needs_dscale = scale is not None and bool(needs[SCALE_ARG])
+    needs_dbias = biases is not None and any(needs[i] for i in BIAS_ARGS[:len(biases)])
     pre = None
-    if activation is not None or (scale is not None and needs[SCALE_ARG]):
+    if activation is not None or needs_dscale:
         pre = linear_op(x, weights[0], None if biases is None else biases[0], None, None, None, deinterleave, 0.0,
-                        None, None, *later_blocks(weights), *later_blocks(biases)).float()
-    if dropout:  # the same mask multiplies dy and the activation alike: regenerate it once, on dy
-        dy32 = dropout_op(dy32, seed, dropout)
-    dscale = None
-    if scale is not None:
-        if needs[SCALE_ARG]:
-            act = activate(pre, activation)
-            dscale = (dy32 * act).sum(0).to(scale.dtype)
-        dy32 = dy32 * scale.float()
-    if activation == "swiglu":  # d/d gate and d/d up of silu(gate) * up, side by side like the blocks' rows
-        gate, up = pre.chunk(2, dim=1)
-        dy32 = torch.cat([dy32 * up * activation_derivative(gate, "silu"), dy32 * F.silu(gate)], dim=1)
-    elif activation is not None:
-        dy32 = dy32 * activation_derivative(pre, activation)
-    if deinterleave > 1:  # back from output order to weight-row order
-        m, n = dy32.shape
-        dy32 = dy32.view(m, deinterleave, n // deinterleave).transpose(1, 2).reshape(m, n)
-    g = dy32.to(x.dtype)
+                        None, None, *later_blocks(weights), *later_blocks(biases))
+    args = (dy, pre, scale, branch_scale, seed, activation, deinterleave, needs_dscale, needs_dbias, x.dtype)
+    if activation == "swiglu":
+        g, dbias, dscale = grad_epilogue_torch(*args, dropout)
+    else:
+        g, dbias, dscale = guard.choose(
+            "linear_grad_epilogue", lambda: (tuple(dy.shape), dy.dtype, x.dtype, activation, scale is not None,
+                                             branch_scale is not None, deinterleave, needs_dscale, needs_dbias,
+                                             dy.device),
+            dy, lambda p: grad_epilogue_launch(*args, p), lambda p: grad_epilogue_torch(*args, p), dropout)
     rows = [w.shape[0] for w in weights]
 
     def per_block(t):  # one tensor over all blocks' rows -> a view per block
@@ -861,9 +853,9 @@ def linear_backward(dy, x, weights, biases, activation, scale, deinterleave, dro
     if any(needs[i] for i in WEIGHT_ARGS[:len(weights)]):
         dws = [dw if needs[i] else None for dw, i in zip(per_block(torch.mm(g.t(), x)), WEIGHT_ARGS)]
     dbs = [None] * len(weights)
-    if biases is not None and any(needs[i] for i in BIAS_ARGS[:len(biases)]):
-        dbs = [db.to(b.dtype) if needs[i] else None for db, b, i in zip(per_block(dy32.sum(0)), biases, BIAS_ARGS)]
-    return dx, dws, dbs, dscale
+    if needs_dbias:
+        dbs = [db.to(b.dtype) if needs[i] else None for db, b, i in zip(per_block(dbias), biases, BIAS_ARGS)]
+    return dx, dws, dbs, None if dscale is None else dscale.to(scale.dtype)
 
 
 @torch.library.custom_op("vit_kernels::linear", mutates_args=())
@@ -1063,6 +1055,116 @@ def chunk_stats(y: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.cat(means, 1), torch.cat(m2, 1)], 2)
 
 
+# --- backward: the elementwise part of a GEMM's gradient, fused -------------------------------------------
+@triton.jit(do_not_specialize=["seed"])
+def _linear_grad_kernel(dy_ptr, pre_ptr, scale_ptr, branch_ptr, g_ptr, dbias_part_ptr, dscale_part_ptr, M, N,
+                        stride_dym, stride_pm, stride_gm, seed, dropout_p, keep_scale, rows_per_sample,
+                        ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        HAS_BRANCH_SCALE: tl.constexpr, DEINTERLEAVE: tl.constexpr, NEEDS_DSCALE: tl.constexpr,
+                        NEEDS_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        ROW_STEPS: tl.constexpr):
+    """From the output gradient dy to the pre-activation's, g = dy * branch * dropout mask * scale * act'(pre),
+    stored in the weight's row order (de-interleaved) and dtype, in one pass: one read of dy and of the
+    recomputed pre, one write of g. Each program walks ROW_STEPS row blocks of one column block and stores its
+    column sums (fp32) for the bias gradient (of g) and the layer-scale gradient (of dy * branch * dropout mask *
+    act(pre)) as one partial row: summed on the host in a fixed order, so the result is deterministic."""
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    w_cols = tl_weight_row(offs_n % N, N, DEINTERLEAVE)  # output column -> the weight row it came from
+    dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dscale = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    for step in range(ROW_STEPS):
+        offs_m = (tl.program_id(0) * ROW_STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (offs_m[:, None] < M) & n_mask[None, :]
+        rows = offs_m.to(tl.int64)[:, None]
+        d = tl.load(dy_ptr + rows * stride_dym + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BRANCH_SCALE:
+            d *= tl.load(branch_ptr + offs_m // rows_per_sample, mask=offs_m < M, other=0.0).to(tl.float32)[:, None]
+        if DROPOUT:  # the forward epilogue's mask: indexed by output (row, column)
+            d = tl_apply_dropout(d, seed, offs_m, offs_n, 0, dropout_p, keep_scale)
+        if ACTIVATION is not None or NEEDS_DSCALE:
+            pre = tl.load(pre_ptr + rows * stride_pm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        if NEEDS_DSCALE:
+            dscale += tl.sum(d * tl_activation(pre, ACTIVATION, False), axis=0)
+        if HAS_SCALE:
+            d *= scale[None, :]
+        if ACTIVATION is not None:
+            d *= tl_activation_grad(pre, ACTIVATION)
+        tl.store(g_ptr + rows * stride_gm + w_cols[None, :], d.to(g_ptr.dtype.element_ty), mask=mask)
+        if NEEDS_DBIAS:
+            dbias += tl.sum(d, axis=0)
+    part = tl.program_id(0).to(tl.int64) * N
+    if NEEDS_DBIAS:
+        tl.store(dbias_part_ptr + part + w_cols, dbias, mask=n_mask)
+    if NEEDS_DSCALE:
+        tl.store(dscale_part_ptr + part + offs_n, dscale, mask=n_mask)
+
+
+def linear_grad_config(**sizes) -> triton.Config:
+    """Memory-bound: 128-column blocks, 32 x 8 rows a program (64 x 1 x 32 in the interpreter)."""
+    if INTERPRET:
+        return config(4, 1, BLOCK_M=16, BLOCK_N=32, ROW_STEPS=2)
+    return config(4, 1, BLOCK_M=32, BLOCK_N=128, ROW_STEPS=8)
+
+
+LINEAR_GRAD = Sized("linear_grad", _linear_grad_kernel, linear_grad_config, (),
+                    arg_types={"dbias_part_ptr": "*fp32", "dscale_part_ptr": "*fp32", "dropout_p": "fp32",
+                               "keep_scale": "fp32", "branch_ptr": "*fp32"},
+                    aligned=("stride_dym", "stride_pm", "stride_gm", "N"))
+
+
+def grad_epilogue_launch(dy, pre, scale, branch_scale, seed, activation, deinterleave, needs_dscale, needs_dbias,
+                         dtype, dropout):
+    """``grad_epilogue_torch``'s results from ``_linear_grad_kernel`` (any activation but swiglu)."""
+    dy = row_major(dy)
+    pre = dy if pre is None else row_major(pre)  # None: never read (no activation, no scale gradient)
+    M, N = dy.shape
+    g = new_output((M, N), dy.device, dtype)
+    cfg = LINEAR_GRAD.configs_for({})[0]
+    parts = cdiv(M, cfg.kwargs["BLOCK_M"] * cfg.kwargs["ROW_STEPS"])
+    dbias = torch.zeros((parts, N), device=dy.device, dtype=torch.float32) if needs_dbias else None
+    dscale = torch.zeros((parts, N), device=dy.device, dtype=torch.float32) if needs_dscale else None
+    if M and N:
+        dummy = dy
+        LINEAR_GRAD.launch(
+            lambda meta: launch_grid(parts, cdiv(N, meta["BLOCK_N"])),
+            dy, pre, dummy if scale is None else scale, dummy if branch_scale is None else branch_scale, g,
+            dummy if dbias is None else dbias, dummy if dscale is None else dscale, M, N, dy.stride(0),
+            pre.stride(0), g.stride(0), *dropout_args(dropout, seed),
+            1 if branch_scale is None else M // branch_scale.shape[0], ACTIVATION=activation, DROPOUT=dropout > 0,
+            HAS_SCALE=scale is not None, HAS_BRANCH_SCALE=branch_scale is not None, DEINTERLEAVE=deinterleave,
+            NEEDS_DSCALE=needs_dscale, NEEDS_DBIAS=needs_dbias, config=cfg)
+    return g, None if dbias is None else dbias.sum(0), None if dscale is None else dscale.sum(0)
+
+
+def grad_epilogue_torch(dy, pre, scale, branch_scale, seed, activation, deinterleave, needs_dscale, needs_dbias,
+                        dtype, dropout):
+    """In PyTorch (fp32): g, the gradient of the GEMM's pre-activation (dtype, weight row order), its column sums
+    (the bias gradient, fp32, or None) and the layer scale's gradient (fp32, or None)."""
+    dy32 = dy.float()
+    pre = None if pre is None else pre.float()
+    if branch_scale is not None:  # each sample's rows carry its stochastic-depth factor
+        dy32 = (dy32.view(branch_scale.shape[0], -1, dy32.shape[1]) * branch_scale[:, None, None]).view(dy32.shape)
+    if dropout:  # the same mask multiplies dy and the activation alike: regenerate it once, on dy
+        dy32 = dropout_op(dy32, seed, dropout)
+    dscale = None
+    if scale is not None:
+        if needs_dscale:
+            dscale = (dy32 * activate(pre, activation)).sum(0)
+        dy32 = dy32 * scale.float()
+    if activation == "swiglu":  # d/d gate and d/d up of silu(gate) * up, side by side like the blocks' rows
+        gate, up = pre.chunk(2, dim=1)
+        dy32 = torch.cat([dy32 * up * activation_derivative(gate, "silu"), dy32 * F.silu(gate)], dim=1)
+    elif activation is not None:
+        dy32 = dy32 * activation_derivative(pre, activation)
+    if deinterleave > 1:  # back from output order to weight-row order
+        m, n = dy32.shape
+        dy32 = dy32.view(m, deinterleave, n // deinterleave).transpose(1, 2).reshape(m, n)
+    return dy32.to(dtype), dy32.sum(0) if needs_dbias else None, dscale
+
+
 # --- registry entry ----------------------------------------------------------------------------------------
 PLAIN = dict(HAS_BIAS=True, ACTIVATION=None, DROPOUT=False, HAS_SCALE=False, HAS_BRANCH_SCALE=False,
              HAS_RESIDUAL=False, DEINTERLEAVE=1, WEIGHT_BLOCKS=1, DOT_PRECISION="tf32", NORM_STATS=None,
@@ -1092,6 +1194,17 @@ TMA_VARIANTS = tuple(v for v in VARIANTS + PDL_VARIANTS if v["WEIGHT_BLOCKS"] ==
 GLU_VARIANTS = (*({**PLAIN, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROPOUT": drop, "HAS_BIAS": bias}
                    for drop, bias in ((False, True), (True, True), (False, False))),
                 {**PLAIN, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "PDL": 1})
+# the fused gradient epilogue: fc1 (each activation, dropout on or off), proj / fc2 (layer scale with its gradient,
+# stochastic depth, dropout), the tutorial's de-interleaved qkv
+_GRAD = dict(ACTIVATION=None, DROPOUT=False, HAS_SCALE=False, HAS_BRANCH_SCALE=False, DEINTERLEAVE=1,
+             NEEDS_DSCALE=False, NEEDS_DBIAS=True)
+GRAD_VARIANTS = (
+    *({**_GRAD, "ACTIVATION": act, "DROPOUT": drop} for act in ("gelu", "gelu_tanh", "quick_gelu", "silu")
+      for drop in (False, True)),
+    *({**_GRAD, "HAS_SCALE": True, "NEEDS_DSCALE": True, "HAS_BRANCH_SCALE": drop, "DROPOUT": drop}
+      for drop in (False, True)),
+    {**_GRAD, "DEINTERLEAVE": 3}, {**_GRAD, "NEEDS_DBIAS": False},
+)
 # split-K at small M: fc2 + layer scale + residual (with and without statistics out), and a GELU epilogue
 SPLIT_K_VARIANTS = ({"DOT_PRECISION": "tf32"},)
 SPLIT_K_REDUCE_VARIANTS = (  # STATS_CHUNK: the GPU's (PLAIN's), whatever the interpreter's is here
@@ -1202,7 +1315,8 @@ register(OpSpec(
             "descriptors; at small M also 16/32-row tiles, and split-K with a fixed-order reduction chosen per shape "
             "by timing); can write the tutorial's interleaved qkv as contiguous q/k/v; SwiGLU (silu(gate) * up "
             "from two weight blocks) in one GEMM",
-    kernels=(KernelGrid(LINEAR, VARIANTS + PDL_VARIANTS), KernelGrid(LINEAR_GLU, GLU_VARIANTS),
+    kernels=(KernelGrid(LINEAR, VARIANTS + PDL_VARIANTS), KernelGrid(LINEAR_GRAD, GRAD_VARIANTS),
+             KernelGrid(LINEAR_GLU, GLU_VARIANTS),
              KernelGrid(LINEAR_TMA, TMA_VARIANTS, only=lambda meta: meta.get("PERSISTENT", False)),
              KernelGrid(SPLIT_K, SPLIT_K_VARIANTS), KernelGrid(SPLIT_K_REDUCE, SPLIT_K_REDUCE_VARIANTS)),
     custom_ops=(linear_op, linear_with_stats_op),

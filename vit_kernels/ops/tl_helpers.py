@@ -155,3 +155,23 @@ def tl_dependent_launch_wait(PDL: tl.constexpr, w_ptr, rows, stride_w, K):
         tl_prefetch_rows(w_ptr, rows, stride_w, K)
     if PDL:
         tl.extra.cuda.gdc_wait()
+
+
+# --- backward ---------------------------------------------------------------------------------------------
+@triton.jit
+def tl_activation_grad(x, ACTIVATION: tl.constexpr):
+    """d activation / dx at x (fp32), for tl_activation's activations (swiglu excepted): exact GELU Phi(x) +
+    x phi(x); the tanh approximation's own derivative; x sigmoid(a x): s + a x s (1 - s) (a = 1.702 quick_gelu,
+    1 silu); None: 1."""
+    if ACTIVATION == "gelu":
+        return 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    elif ACTIVATION == "gelu_tanh":
+        t = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (x + 0.044715 * x * x * x)) - 1.0
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    elif ACTIVATION == "quick_gelu":
+        s = tl.sigmoid(1.702 * x)
+        return s + 1.702 * x * s * (1.0 - s)
+    elif ACTIVATION == "silu":
+        s = tl.sigmoid(x)
+        return s + x * s * (1.0 - s)
+    return x * 0.0 + 1.0
