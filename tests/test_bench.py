@@ -79,8 +79,9 @@ def test_cpu_train_step_bench(tmp_path, capsys):
     assert cli.main(["bench", "--train", "--no-e2e", "--ops", "none", "--out", str(tmp_path)]) == 0
     assert "| tiny | 2 | ours (from_timm) |" in capsys.readouterr().out
     train = json.loads(next(tmp_path.glob("train_tiny_cpu_*.json")).read_text())
-    assert {r["candidate"] for r in train["rows"]} == {"ours (from_timm)", "timm eager (SDPA)", "reference eager",
-                                                       "ours (tutorial ViT)"}
+    assert {r["candidate"] for r in train["rows"]} == {
+        "ours (from_timm)", "timm eager (SDPA)", "reference eager", "ours (tutorial ViT)",
+        "ours (from_timm, activation checkpointing)", "ours (from_timm, FSDP2 fully_shard, 1 GPU)"}
     assert all(r["peak_mib"] is None and r["first_loss"] > 0 for r in train["rows"])
     assert train["repeats"] == 1 and all(r["rounds"] == [r["ms"]] and r["ms_min"] == r["ms_max"] == r["ms"]
                                          for r in train["rows"])

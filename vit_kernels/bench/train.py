@@ -6,6 +6,7 @@ them), checked against its twin on the first step (loss and gradient norm) and t
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 
@@ -34,6 +35,8 @@ def _builders(name: str, device, compile_modes) -> dict:
     builders = {
         TIMM: (timm_vit, None),
         OURS: (lambda: vit_kernels.from_timm(timm_vit()), TIMM),
+        OURS_CHECKPOINTED: (lambda: checkpointed(vit_kernels.from_timm(timm_vit())), OURS),
+        OURS_FSDP2: (lambda: fsdp2_one_process(vit_kernels.from_timm(timm_vit())), OURS),
     }
     if CONFIGS[name]["family"] == "vit":  # the tutorial flavour exists for the original ViT only
         builders["reference eager"] = (lambda: tutorial(reference.ViT), None)
@@ -43,6 +46,46 @@ def _builders(name: str, device, compile_modes) -> dict:
             lambda mode=mode: torch.compile(timm_vit(), mode=None if mode == "default" else mode, dynamic=False),
             TIMM)
     return builders
+
+
+OURS_CHECKPOINTED = "ours (from_timm, activation checkpointing)"
+OURS_FSDP2 = "ours (from_timm, FSDP2 fully_shard, 1 GPU)"
+
+
+def checkpointed(model):
+    """Activation checkpointing per block (the composable API FSDP2 training uses): backward recomputes each block."""
+    from torch.distributed._composable import checkpoint
+
+    for block in model.blocks:
+        checkpoint(block)
+    return model
+
+
+def fsdp2_one_process(model):
+    """``fully_shard`` per block and on the root over a one-process mesh: FSDP2's hooks and DTensor parameters at
+    world size 1, i.e. their overhead on one GPU (``run_train`` provides the process group)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if on_gpu() else "cpu", (1,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+@contextlib.contextmanager
+def one_process_group():
+    """A world-size-1 process group for the FSDP2 row unless one exists (then that one, left as it is)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("nccl" if on_gpu() else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _trainer(model, x, y, dtype):
@@ -70,7 +113,7 @@ def run_train(models=("vit_b_16",), batches=(64, 128), dtype=torch.bfloat16, com
     (``ratio_*``). Every candidate runs
     with ``torch.backends.cudnn.benchmark`` on (timm's own benchmark setting: its patch-embedding conv, forward and
     backward, is far slower without it)."""
-    with cudnn_benchmark(True):
+    with cudnn_benchmark(True), one_process_group():
         return _run_train(models, batches, dtype, compile_modes, repeats, progress)
 
 
