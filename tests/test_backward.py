@@ -140,6 +140,7 @@ def assert_model_grads_match(fast, ref, x, *args):
         assert err <= 2e-4 * scale, f"grad of {name}: max error {err:.3g} (scale {scale:.3g})"
 
 
+@pytest.mark.slow  # tests/test_convergence.py trains the tutorial ViT against the reference in the fast tier
 @pytest.mark.parametrize("scaling", ["tutorial", "paper"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_tutorial_vit_gradients(scaling, masked, device):
@@ -157,6 +158,7 @@ def test_timm_gradients(kw, device):
     assert_model_grads_match(vit_kernels.from_timm(model), ref, randn(2, 3, 32, 32, device=device))
 
 
+@pytest.mark.slow  # a minute or more in the interpreter: full tier (CI's fast tier: README, Test)
 def test_model_gradients_are_bitwise_reproducible(device):
     """Two backward passes with the same inputs give identical parameter gradients (no atomics anywhere)."""
     model = vit_kernels.ViT(**ODD).to(device)

@@ -15,6 +15,7 @@ from vit_kernels.bench.ops import ops_headline as run_ops_headline
 pytestmark = pytest.mark.skipif(on_gpu(), reason="the CPU version of the benchmarks; GPU runs are the campaign's")
 
 
+@pytest.mark.slow  # a minute or more in the interpreter: full tier (CI's fast tier: README, Test)
 def test_cpu_bench_writes_labelled_results(tmp_path, capsys):
     assert cli.main(["bench", "--batch", "1", "--ops", "layer_norm", "attention", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -75,6 +76,7 @@ def test_flop_model():
     assert gflop_per_image("vit_l_16") > 3 * gflop_per_image("vit_b_16")
 
 
+@pytest.mark.slow  # minutes of interpreted benchmarking on CPU: full tier
 def test_cpu_train_step_bench(tmp_path, capsys):
     assert cli.main(["bench", "--train", "--no-e2e", "--ops", "none", "--out", str(tmp_path)]) == 0
     assert "| tiny | 2 | ours (from_timm) |" in capsys.readouterr().out
@@ -88,6 +90,7 @@ def test_cpu_train_step_bench(tmp_path, capsys):
     assert set(train["headline"].values()) == {None}
 
 
+@pytest.mark.slow  # minutes of interpreted benchmarking on CPU: full tier
 def test_bench_without_matplotlib_still_writes_json_and_tables(tmp_path, capsys, monkeypatch):
     """A plain `pip install -e .` has no matplotlib: the results are saved and printed, and the message says how
     to get plots (it used to end in a ModuleNotFoundError after all the work)."""
@@ -178,6 +181,7 @@ def test_readme_tables_put_like_for_like_first(tmp_path):
     assert readme_path.read_text() == "intro\n" + readme.tables(result, str(path)) + "\noutro\n"
 
 
+@pytest.mark.slow  # minutes of interpreted benchmarking on CPU: full tier
 def test_cpu_breakdown_attributes_interpreted_kernels_and_aten_ops(tmp_path, capsys):
     """`bench --breakdown` on a CPU: ours (Triton-interpreter launches, named after their kernels while profiled)
     and timm eager (top-level aten ops) split into the same categories; times only, no rates or peaks."""
@@ -301,6 +305,7 @@ def test_breakdown_rates_and_table_from_kernel_times(monkeypatch):
     assert "| vit_b_16 | 2 | ours (from_timm) | 8.000 | 5.766 | 2.234 | 28% |" in table
 
 
+@pytest.mark.slow  # minutes of interpreted benchmarking on CPU: full tier
 def test_op_bench_interleaves_rounds_and_reports_the_ratio_spread():
     result = run_ops(["layer_norm"], ["tiny"], [2], torch.float32, repeats=2, progress=lambda *_: None)
     assert result["repeats"] == 2
@@ -341,6 +346,7 @@ def test_family_sizes_compare_with_timm_only():
     assert 150 < gflop_per_image("clip_l_14") < 175 and 290 < gflop_per_image("dinov2_b_14_518") < 320
 
 
+@pytest.mark.slow  # minutes of interpreted benchmarking on CPU: full tier
 def test_e2e_hands_each_finished_batch_to_partial():
     """A GPU round cut short keeps its finished batches: after each batch the rows so far reach ``partial`` (the
     CLI saves them as e2e_partial_*.json and removes that file once the full result is saved)."""

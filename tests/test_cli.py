@@ -19,6 +19,7 @@ def test_version_and_help():
     assert "verify" in help_text and "compile-check" in help_text
 
 
+@pytest.mark.slow  # a minute or more in the interpreter: full tier (CI's fast tier: README, Test)
 def test_verify_prints_a_passing_table_without_timm(capsys, monkeypatch):
     """timm is optional: without it the default command skips the from_timm rows, says so, and passes."""
     monkeypatch.setattr(cli, "timm_installed", lambda: False)
@@ -29,6 +30,7 @@ def test_verify_prints_a_passing_table_without_timm(capsys, monkeypatch):
     assert "FAIL" not in out and re.search(r"^\d+ passed, 0 failed$", out, re.M)
 
 
+@pytest.mark.slow  # a minute or more in the interpreter: full tier (CI's fast tier: README, Test)
 def test_verify_with_timm_compares_against_timms_own_model():
     """The timm rows compare the accelerated model with a separate, unpatched copy in fp64 (from_timm patches in
     place; the fused model itself refuses float64) and report the kernels as the backend."""

@@ -360,6 +360,7 @@ def test_selector_compares_times_once_and_falls_back(monkeypatch):
     guard.reset()
 
 
+@pytest.mark.slow  # a minute or more in the interpreter: full tier (CI's fast tier: README, Test)
 def test_models_check_the_fused_path_against_the_unfused_ops(monkeypatch, device):
     """The fused models route each LayerNorm + GEMM through the guard: on agreement the fused launches run; a
     fused path that disagrees is dropped with a warning and the model still returns the reference's output."""

@@ -130,6 +130,7 @@ def test_torch_backend_computes_the_same():
 DROPOUTS = dict(dropout=0.2, drop_p=0.1, forward_drop_p=0.15)
 
 
+@pytest.mark.slow  # a minute or more in the interpreter: full tier (CI's fast tier: README, Test)
 def test_train_mode_dropout_runs_in_the_kernels(device):
     ref, fast = fused_twin(device=device, **ODD, **DROPOUTS)
     fast.train()
@@ -167,6 +168,7 @@ def test_train_mode_dropout_placement_matches_the_tutorial():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a minute or more in the interpreter: full tier (CI's fast tier: README, Test)
 def test_train_mode_without_dropout_uses_kernels_and_trains(device):
     _, fast = fused_twin(device=device, **ODD)
     fast.train()
@@ -330,6 +332,7 @@ def test_from_timm_patch_dropout_runs_timms_module_inside_the_fused_trunk():
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a minute or more in the interpreter: full tier (CI's fast tier: README, Test)
 def test_from_timm_dropout_and_stochastic_depth_run_in_the_kernels():
     ref, fast = timm_pair(drop_rate=0.1, attn_drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.1)
     fast.train()

@@ -36,6 +36,7 @@ def test_opcheck_covers_every_custom_op(device):
         assert sampled == set(spec.custom_ops), f"{spec.name}: opcheck samples miss {set(spec.custom_ops) - sampled}"
 
 
+@pytest.mark.slow  # a minute or more in the interpreter: full tier (CI's fast tier: README, Test)
 def test_compiled_tutorial_vit_fullgraph_matches_eager(device):
     torch._dynamo.reset()
     model = vit_kernels.ViT(**ODD).to(device)
@@ -52,6 +53,7 @@ def test_compiled_tutorial_vit_fullgraph_matches_eager(device):
         torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # a minute or more in the interpreter: full tier (CI's fast tier: README, Test)
 def test_compiled_tutorial_vit_with_dropout_fullgraph_trains(device):
     """Train mode with all three dropouts: no graph break, and the seeds are traced like any random op."""
     torch._dynamo.reset()

@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = tutorial_kwargs("tiny_timm", depth=1, n_classes=5)  # 17 tokens, emb 48, 2 heads
 
 
+@pytest.mark.slow  # a minute or more in the interpreter: full tier (CI's fast tier: README, Test)
 def test_example_training_loop_lowers_the_loss(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["train.py", "--steps", "3", "--batch", "2"])
     losses = runpy.run_path(os.path.join(ROOT, "examples", "train.py"))["main"]()

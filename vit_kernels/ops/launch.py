@@ -120,7 +120,8 @@ class Kernel:
                 constexprs = {**{k: v for k, v in variant.items() if k in self.constexpr_names}, **cfg.kwargs}
                 label = f"{self.name}[{' '.join(f'{k}={v}' for k, v in {**cfg.kwargs, **variant}.items())}]"
                 used_on = tuple(a for a in archs if any(c is cfg for c in self.configs_for(variant, arch=a)))
-                cases.append((label, constexprs, cfg.num_warps, cfg.num_stages, used_on))
+                if used_on:  # else no launch on any of the archs uses it (e.g. an sm_90-only rule meets an sm_80 one)
+                    cases.append((label, constexprs, cfg.num_warps, cfg.num_stages, used_on))
         return cases
 
     @property
