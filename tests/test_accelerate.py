@@ -526,6 +526,7 @@ def test_attention_maps_accelerates_a_model_and_refuses_unfused_blocks(images):
     ("hf_model", dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.2), (0.2, 0.1, 0.0, 0.1)),
     ("timm", dict(attn_drop_rate=0.2, proj_drop_rate=0.1, pos_drop_rate=0.1), (0.2, 0.1, 0.1, 0.1)),
 ])
+@pytest.mark.slow  # 20 s a framework in the interpreter: full tier
 def test_train_mode_dropout_runs_in_the_kernels(framework, kw, rates, images, monkeypatch):
     """Every framework's dropout reaches the kernels at its own place (attention probabilities, after the
     attention projection, after the MLP activation, after the MLP), plus the embedding dropout."""

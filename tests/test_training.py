@@ -74,6 +74,7 @@ def _ddp_worker(rank, world, port, images, labels, result_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # 40 s: tests/test_fsdp.py checks distributed training against one process in the fast tier
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo, interpreter) DDP check")
 def test_ddp_gradients_equal_single_process(tmp_path):
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
