@@ -833,7 +833,7 @@ def linear_backward(dy, x, weights, biases, activation, scale, deinterleave, dro
         pre = linear_op(x, weights[0], None if biases is None else biases[0], None, None, None, deinterleave, 0.0,
                         None, None, *later_blocks(weights), *later_blocks(biases))
     args = (dy, pre, scale, branch_scale, seed, activation, deinterleave, needs_dscale, needs_dbias, x.dtype)
-    if activation == "swiglu" or torch.compiler.is_compiling():  # the kernel is no custom op: not traceable
+    if activation == "swiglu" or tracing(dy):
         g, dbias, dscale = grad_epilogue_torch(*args, dropout)
     else:
         g, dbias, dscale = guard.choose(
@@ -1116,6 +1116,15 @@ LINEAR_GRAD = Sized("linear_grad", _linear_grad_kernel, linear_grad_config, (),
                                "keep_scale": "fp32", "branch_ptr": "*fp32"},
                     aligned=("stride_dym", "stride_pm", "stride_gm", "N"),
                     quiet_fp=("over",))  # exp overflow in gelu_tanh's sigmoid at large |x|: it saturates right
+
+
+def tracing(t: torch.Tensor) -> bool:
+    """Whether backward is being traced (torch.compile, AOT dispatch, make_fx: fake, functional or proxied
+    tensors): the gradient kernel is no custom op, so such traces take the PyTorch composition."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode  # here: imports above move the kernels
+
+    return (torch.compiler.is_compiling() or type(t) is not torch.Tensor or torch._is_functional_tensor(t)
+            or _get_current_dispatch_mode() is not None)
 
 
 def grad_epilogue_launch(dy, pre, scale, branch_scale, seed, activation, deinterleave, needs_dscale, needs_dbias,
