@@ -49,6 +49,7 @@ from .linear import (
     linear_torch,
     out_features,
     present,
+    with_pdl,
 )
 from .plans import planned
 from .registry import BenchCase, GradCase, KernelGrid, OpSpec, randn, register
@@ -208,9 +209,9 @@ VARIANTS = (
     {**NORMED, "NORM_STATS": "prepass", "HAS_SCALE": True, "HAS_RESIDUAL": True},  # proj / fc2 after an inner norm
 )
 # inside the graph runner's PDL captures (sm_90 only): every inference variant (ops/linear.py's PDL_VARIANTS)
-PDL_VARIANTS = tuple({**v, "PDL": 2 if v["WEIGHT_BLOCKS"] == 1 else 1} for v in VARIANTS if not v["DROPOUT"])
+PDL_VARIANTS = tuple(with_pdl(v) for v in VARIANTS if not v["DROPOUT"])
 GLU_VARIANTS = (*({**NORMED, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROPOUT": drop} for drop in (False, True)),
-                {**NORMED, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "PDL": 1})
+                with_pdl({**NORMED, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2}))
 
 
 def _opcheck_samples(device):

@@ -774,8 +774,18 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
             DEINTERLEAVE=deinterleave, WEIGHT_BLOCKS=len(weights), DOT_PRECISION=dot_precision(x.dtype),
             NORM_STATS=None if norm is None else "prepass" if stats_in is None else "partials",
             NORM_WEIGHT=norm_weight is not None, NORM_BIAS=norm_bias is not None, STATS_OUT=stats_out,
-            STATS_CHUNK=STATS_CHUNK, config=config, **pdl.gemm_options(x, len(weights) == 1 and activation != "swiglu"))
+            STATS_CHUNK=STATS_CHUNK, config=config, **pdl.gemm_options(x, pdl_prefetches(len(weights), activation)))
     return (out, stats) if stats_out else out
+
+
+def pdl_prefetches(weight_blocks: int, activation) -> bool:
+    """Whether a PDL launch of the GEMM prefetches its weight rows (PDL=2): one weight block, no swiglu."""
+    return weight_blocks == 1 and activation != "swiglu"
+
+
+def with_pdl(variant: dict) -> dict:
+    """A compile variant as the graph runner's PDL captures launch it (gemm_launch's rule)."""
+    return {**variant, "PDL": 2 if pdl_prefetches(variant["WEIGHT_BLOCKS"], variant["ACTIVATION"]) else 1}
 
 
 def out_features(rows, activation) -> int:
@@ -1136,8 +1146,9 @@ def grad_epilogue_launch(dy, pre, scale, branch_scale, seed, activation, deinter
     g = new_output((M, N), dy.device, dtype)
     cfg = GRAD_INTERPRET_CONFIG if INTERPRET else LINEAR_GRAD.configs_for({})[0]
     parts = cdiv(M, cfg.kwargs["BLOCK_M"] * cfg.kwargs["ROW_STEPS"])
-    dbias = torch.zeros((parts, N), device=dy.device, dtype=torch.float32) if needs_dbias else None
-    dscale = torch.zeros((parts, N), device=dy.device, dtype=torch.float32) if needs_dscale else None
+    # every partial row is written: each program stores its row for its columns
+    dbias = new_output((parts, N), dy.device, torch.float32) if needs_dbias else None
+    dscale = new_output((parts, N), dy.device, torch.float32) if needs_dscale else None
     if M and N:
         dummy = dy
         LINEAR_GRAD.launch(
@@ -1197,7 +1208,7 @@ VARIANTS = (
 )
 # inside the graph runner's PDL captures (sm_90 only) every inference variant, and proj / fc2 without layer scale
 # (ViT-B's), with the weight prefetch (PDL=2) where one weight block; Hugging Face's three q/k/v blocks wait only
-PDL_VARIANTS = tuple({**v, "PDL": 2 if v["WEIGHT_BLOCKS"] == 1 else 1} for v in (
+PDL_VARIANTS = tuple(with_pdl(v) for v in (
     *(v for v in VARIANTS if not v["DROPOUT"] and not v["HAS_BRANCH_SCALE"]),
     {**PLAIN, "HAS_RESIDUAL": True}, {**PLAIN, "HAS_RESIDUAL": True, "STATS_OUT": True}))
 # the TMA engine serves one weight block (the pointer grid builds LINEAR_TMA's other configs)
@@ -1205,7 +1216,7 @@ TMA_VARIANTS = tuple(v for v in VARIANTS + PDL_VARIANTS if v["WEIGHT_BLOCKS"] ==
 # SwiGLU fc1 (LINEAR_GLU's configs): gate and up blocks, with dropout on or off, with and without biases
 GLU_VARIANTS = (*({**PLAIN, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROPOUT": drop, "HAS_BIAS": bias}
                    for drop, bias in ((False, True), (True, True), (False, False))),
-                {**PLAIN, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "PDL": 1})
+                with_pdl({**PLAIN, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2}))
 # the fused gradient epilogue: fc1 (each activation, dropout on or off), proj / fc2 (layer scale with its gradient,
 # stochastic depth, dropout), the tutorial's de-interleaved qkv
 _GRAD = dict(ACTIVATION=None, DROPOUT=False, HAS_SCALE=False, HAS_BRANCH_SCALE=False, DEINTERLEAVE=1,
