@@ -16,8 +16,9 @@ ON_GPU = torch.cuda.is_available()
 
 
 # On a CPU machine plain `pytest` (CI's run: under 10 minutes on 2 cores) is the fast tier: the first FAST_CASES
-# parametrizations of each test function, tests marked slow skipped. `pytest --full` (or VIT_KERNELS_FULL_TESTS=1)
-# runs everything, as plain `pytest` does on a GPU machine (kernels compiled, not interpreted).
+# parametrizations of each test function (every op's, for tests marked every_op), tests marked slow skipped.
+# `pytest --full` (or VIT_KERNELS_FULL_TESTS=1) runs everything, as plain `pytest` does on a GPU machine (kernels
+# compiled, not interpreted).
 FAST_CASES = 1
 
 
@@ -33,6 +34,8 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (real sizes, bf16); skipped on CPU machines")
     config.addinivalue_line("markers", "slow: long-running: full tier only (`pytest --full`)")
+    config.addinivalue_line("markers", "every_op: a registry suite parametrized by op: the fast tier runs every op's "
+                                       "case, not only the first (an op's case left out hid an opcheck failure)")
 
 
 def full_tier(config) -> bool:
@@ -52,7 +55,7 @@ def pytest_collection_modifyitems(config, items):
             continue
         function = item.nodeid.split("[")[0]
         kept[function] = kept.get(function, 0) + 1
-        if "slow" in item.keywords or kept[function] > FAST_CASES:
+        if "slow" in item.keywords or (kept[function] > FAST_CASES and "every_op" not in item.keywords):
             item.add_marker(tier_skip)
 
 

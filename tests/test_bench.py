@@ -83,7 +83,8 @@ def test_cpu_train_step_bench(tmp_path, capsys):
     train = json.loads(next(tmp_path.glob("train_tiny_cpu_*.json")).read_text())
     assert {r["candidate"] for r in train["rows"]} == {
         "ours (from_timm)", "timm eager (SDPA)", "reference eager", "ours (tutorial ViT)",
-        "ours (from_timm, activation checkpointing)", "ours (from_timm, FSDP2 fully_shard, 1 GPU)"}
+        "ours (from_timm, activation checkpointing)", "ours (from_timm, FSDP2 fully_shard, 1 GPU)",
+        "ours (from_timm, fc1 pre-activation recomputed)"}
     assert all(r["peak_mib"] is None and r["first_loss"] > 0 for r in train["rows"])
     assert train["repeats"] == 1 and all(r["rounds"] == [r["ms"]] and r["ms_min"] == r["ms_max"] == r["ms"]
                                          for r in train["rows"])

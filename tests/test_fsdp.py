@@ -1,6 +1,7 @@
-"""FSDP2 on an accelerated model: two gloo processes on CPU, ``fully_shard`` per block, the kernels in the
-interpreter; the sharded steps equal timm's own model trained in one process on the whole batch, and a sharded
-checkpoint (torch.distributed.checkpoint) loads back into a fresh sharded model exactly."""
+"""FSDP2 on an accelerated model (timm, torchvision, Hugging Face): two gloo processes on CPU, ``fully_shard`` per
+block, the kernels in the interpreter; the sharded steps equal the framework's own model trained in one process on
+the whole batch, and a sharded checkpoint (torch.distributed.checkpoint) loads back into a fresh sharded model
+exactly. The adapters' shared-parameter wrappers see FSDP2's DTensor parameters replaced at every step."""
 import json
 import os
 import socket
@@ -19,12 +20,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fsdp2_per_block_trains_an_accelerated_timm_model(tmp_path):
+@pytest.mark.parametrize("framework", ["timm", "torchvision", "hf_classifier"])
+def test_fsdp2_per_block_trains_an_accelerated_model(tmp_path, framework):
     result = tmp_path / "result.json"
     worker = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, worker, str(free_port()), str(result), str(tmp_path / "checkpoint")],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, worker, str(free_port()), str(result), str(tmp_path / "checkpoint"),
+                           framework], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(result.read_text())
     launches = out["launches"]  # 2 blocks x 2 steps on the kernels, forward and backward

@@ -55,6 +55,7 @@ def test_the_check_catches_a_wrong_gradient():
         gradcheck(Square.apply, torch.randn(6, dtype=torch.float32).requires_grad_())
 
 
+@pytest.mark.every_op
 @pytest.mark.parametrize("name", DIFFERENTIABLE)
 def test_finite_differences(name, device):
     """Every GradCase of every registered differentiable op: analytic gradients vs central differences."""

@@ -256,7 +256,7 @@ def test_five_launches_per_block_and_the_unfused_switch(device):
         expected = ref(x)
     torch.testing.assert_close(normed, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(unfused, expected, rtol=1e-4, atol=1e-5)
-    with pytest.raises(TypeError, match="enabled must be a bool"), vit_kernels.layer_norm_folding("no"):
+    with pytest.raises(TypeError, match="layer_norm_folding takes a bool"), vit_kernels.layer_norm_folding("no"):
         pass
 
 

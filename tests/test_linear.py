@@ -239,7 +239,7 @@ def test_weight_blocks_gradients_reach_every_block(activation, scale, device):
     ops.reset_launch_counts()
     got = ops.linear(x, ws, bs, activation=activation, scale=s, residual=r)
     grads = torch.autograd.grad((got * g).sum(), inputs)
-    assert ops.launch_counts()["linear"] == (2 if activation else 1)  # backward recomputes the pre-activation
+    assert ops.launch_counts()["linear"] == 1  # backward reads the pre-activation the forward saved
     expected = linear_torch(x, torch.cat(ws), torch.cat(bs), activation, s, r)
     expected_grads = torch.autograd.grad((expected * g).sum(), inputs)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -343,3 +343,24 @@ def test_weight_blocks_launcher_rejects_inconsistent_blocks():
         linear_launch(x, w, b, weight2=w)
     with pytest.raises(ValueError, match="as many bias blocks"):
         linear_launch(x, w, None, weight2=w, bias2=b)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_outputs_are_no_views(device, grad):
+    """Outputs over leading dims are allocated with them, not views of a 2-D result: a model's blocks return
+    them, and FSDP2 warns of (and an in-place op on a view would skip) its pre-backward hook."""
+    x = torch.randn(2, 5, 8, device=device, requires_grad=grad)
+    w, b = torch.randn(6, 8, device=device, requires_grad=grad), torch.randn(6, device=device)
+    res = torch.randn(10, 6, device=device)  # a residual given as rows
+    with torch.set_grad_enabled(grad):
+        outs = [ops.linear(x, w, b, activation="gelu"), ops.linear(x, w, b, scale=b, residual=res),
+                ops.linear(x, w, b, residual=res.view(2, 5, 6), norm_stats=True)[0],
+                ops.layer_norm_linear(x, None, None, w, b, activation="gelu"),
+                ops.linear(x[0], w, b)]
+    assert [tuple(out.shape) for out in outs] == [(2, 5, 6)] * 4 + [(5, 6)]
+    assert all(out._base is None for out in outs)
+    expected = torch.nn.functional.linear(x, w, b) * b + res.view(2, 5, 6)
+    torch.testing.assert_close(outs[1], expected, rtol=1e-5, atol=1e-5)
+    if grad:
+        outs[1].sum().backward()
+        assert x.grad.shape == x.shape

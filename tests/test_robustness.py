@@ -40,6 +40,7 @@ def replaced(args, kwargs, where, value):
     return args, {**kwargs, where: value}
 
 
+@pytest.mark.every_op
 @pytest.mark.parametrize("name", SPECS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_every_op_matches_its_pytorch_fallback(name, dtype, device):
@@ -61,6 +62,7 @@ def test_every_op_matches_its_pytorch_fallback(name, dtype, device):
             torch.testing.assert_close(got, expected, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.every_op
 @pytest.mark.parametrize("name", SPECS)
 def test_every_op_takes_an_empty_batch(name, device):
     spec = SPECS[name]
@@ -70,6 +72,7 @@ def test_every_op_takes_an_empty_batch(name, device):
             assert got.shape == spec.fn(*args, **kwargs).shape and got.shape[0] == 0
 
 
+@pytest.mark.every_op
 @pytest.mark.parametrize("name", SPECS)
 def test_every_op_rejects_bad_dtypes_and_non_tensors(name, device):
     spec = SPECS[name]
@@ -82,6 +85,7 @@ def test_every_op_rejects_bad_dtypes_and_non_tensors(name, device):
         spec.fn(x.tolist(), *args[1:], **kwargs)
 
 
+@pytest.mark.every_op
 @pytest.mark.parametrize("name", SPECS)
 def test_every_op_rejects_tensors_on_another_device(name, device):
     """Each tensor argument after the first, moved to the meta device, is a ValueError naming the device."""

@@ -19,6 +19,7 @@ def opcheck_samples(name, device):
     return next(spec for spec in registered_ops() if spec.name == name).opcheck_samples(device)
 
 
+@pytest.mark.every_op
 @pytest.mark.parametrize("name", OPS)
 def test_opcheck(name, device):
     """Every sample (op, args) of the op's registry entry passes torch.library.opcheck (schema, fake tensors,

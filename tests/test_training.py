@@ -43,6 +43,19 @@ def test_example_trains_under_torchrun_with_fsdp2_and_checkpointing():
     assert all("(fsdp, 2 processes, fp16, triton)" in line and "img/s" in line and "MB" in line for line in steps)
 
 
+@pytest.mark.slow  # two processes compiling the model on CPU: ~1.5 minutes
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo, interpreter) check")
+def test_example_trains_under_torchrun_with_fsdp2_and_torch_compile():
+    """--compile over FSDP2's per-block sharding: the custom ops (the pre-activation-saving fc1 included) traced
+    by torch.compile inside fully_shard's hooks, two processes."""
+    proc = run_example("--strategy", "fsdp", "--steps", "2", "--batch", "2", "--compile", torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step")]
+    assert len(steps) == 2 and all("(fsdp, 2 processes, fp16, triton)" in line for line in steps), proc.stdout
+    losses = [float(line.split()[3]) for line in steps]
+    assert all(0 < loss < 10 for loss in losses), losses
+
+
 def test_example_refuses_bad_arguments(monkeypatch):
     example = runpy.run_path(os.path.join(ROOT, "examples", "train.py"))
     for bad in (["--steps", "0"], ["--batch", "-1"], ["--strategy", "zero"]):

@@ -35,6 +35,7 @@ def _builders(name: str, device, compile_modes) -> dict:
     builders = {
         TIMM: (timm_vit, None),
         OURS: (lambda: vit_kernels.from_timm(timm_vit()), TIMM),
+        OURS_RECOMPUTE: (lambda: RecomputingPre(vit_kernels.from_timm(timm_vit())), OURS),
         OURS_CHECKPOINTED: (lambda: checkpointed(vit_kernels.from_timm(timm_vit())), OURS),
         OURS_FSDP2: (lambda: fsdp2_one_process(vit_kernels.from_timm(timm_vit())), OURS),
     }
@@ -48,8 +49,24 @@ def _builders(name: str, device, compile_modes) -> dict:
     return builders
 
 
+OURS_RECOMPUTE = "ours (from_timm, fc1 pre-activation recomputed)"
 OURS_CHECKPOINTED = "ours (from_timm, activation checkpointing)"
 OURS_FSDP2 = "ours (from_timm, FSDP2 fully_shard, 1 GPU)"
+
+
+class RecomputingPre(torch.nn.Module):
+    """The model with ``ops.save_pre_activations(False)``: backward recomputes fc1's pre-activation with a GEMM
+    instead of reading the one forward saved (the memory / time trade of ops/linear.py's ``saves_pre``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        from vit_kernels import ops
+
+        with ops.save_pre_activations(False):
+            return self.model(x)
 
 
 def checkpointed(model):

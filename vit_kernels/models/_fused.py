@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import guard
+from ..ops.dispatch import Flag
 from ..ops.linear import as_blocks
 from .patching import patch
 
@@ -189,29 +190,21 @@ def self_attention(qkv, num_heads, scaling, mask=None, dropout=0.0, attn_args=No
     return ops.attention(qkv, num_heads, layout="qkv h d", scaling=scaling, mask=mask, dropout=dropout, **attn_args)
 
 
-_fold_layer_norm = True
+FOLD_LAYER_NORM = Flag("layer_norm_folding", True)
 
 
-@contextlib.contextmanager
 def layer_norm_folding(enabled: bool):
     """Inside the block, the fused models apply each LayerNorm inside the GEMM after it (``enabled=True``, the
     default: ``ops.layer_norm_linear``, one launch, its statistics from the GEMM that produced x) or run
     ``ops.layer_norm`` then ``ops.linear`` (two launches, a normalized copy of x written and read): the
     unfused path, kept for comparison."""
-    global _fold_layer_norm
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    previous, _fold_layer_norm = _fold_layer_norm, enabled
-    try:
-        yield
-    finally:
-        _fold_layer_norm = previous
+    return FOLD_LAYER_NORM.set(enabled)
 
 
 def folds_layer_norm(norm) -> bool:
     """True when ``norm_linear`` will apply this norm inside its GEMM (so its input's producer should hand
     over statistics: ``residual_linear``)."""
-    return _fold_layer_norm and not is_identity(norm)
+    return FOLD_LAYER_NORM.on and not is_identity(norm)
 
 
 def residual_linear(h, weight, bias, cast, next_norm, **linear_kwargs):

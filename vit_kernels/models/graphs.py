@@ -234,7 +234,7 @@ def graph_key(leaves: list, spec, bucket: int) -> tuple:
     autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
     # the global settings a forward reads: inference mode (its tensors cannot be written outside it), the
     # kernels' backend pin, LayerNorm folding
-    settings = (torch.is_inference_mode_enabled(), dispatch._backend, _fused._fold_layer_norm)
+    settings = (torch.is_inference_mode_enabled(), dispatch._backend, _fused.FOLD_LAYER_NORM.on)
     try:
         hash(described)
     except TypeError as e:

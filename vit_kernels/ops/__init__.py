@@ -12,10 +12,10 @@ from .head import classification_head, pool_tokens
 from .latent_attention import latent_attention as latent_attention  # re-exported (registers the op)
 from .layer_norm import layer_norm
 from .layer_norm_linear import layer_norm_linear
-from .linear import linear
+from .linear import linear, save_pre_activations
 from .patch_embed import patch_embed
 from .registry import registered_ops
 
 __all__ = ["MAX_HEAD_DIM", "attention", "attention_probabilities", "backend_for", "classification_head", "dropout",
            "launch_counts", "layer_norm", "layer_norm_linear", "linear", "patch_embed",
-           "pool_tokens", "registered_ops", "reset_launch_counts", "use_backend"]
+           "pool_tokens", "registered_ops", "reset_launch_counts", "save_pre_activations", "use_backend"]

@@ -36,6 +36,23 @@ def use_backend(name: str):
         _backend = previous
 
 
+class Flag:
+    """A process-wide on/off setting (``.on``) that ``flag.set(bool)`` changes inside a ``with`` block."""
+
+    def __init__(self, name: str, on: bool):
+        self.name, self.on = name, on
+
+    @contextlib.contextmanager
+    def set(self, on: bool):
+        if not isinstance(on, bool):
+            raise TypeError(f"{self.name} takes a bool, got {type(on).__name__}")
+        previous, self.on = self.on, on
+        try:
+            yield
+        finally:
+            self.on = previous
+
+
 def kernels_available(t: torch.Tensor) -> bool:
     """CUDA tensors; CPU tensors in the interpreter. Never meta tensors: their PyTorch path propagates shapes."""
     return t.is_cuda or (INTERPRET and t.device.type == "cpu")

@@ -15,7 +15,8 @@ weights cached per parameter version, which a write through ``.data`` (weight av
 stale, and it changes the rounding (benchmarks/NOTES.md, item 12, measures both on ViT-like streams).
 
 Backward is the unfused path's, exactly: LayerNorm recomputed (``ops.layer_norm``'s kernel, nothing saved but
-x), the GEMM's backward (``linear_backward``), then LayerNorm's backward.
+x and, with an activation, the GEMM's pre-activation: ``linear.saves_pre``), the GEMM's backward
+(``linear_backward``), then LayerNorm's backward.
 """
 from __future__ import annotations
 
@@ -44,11 +45,12 @@ from .linear import (
     fake_output,
     gemm_launch,
     later_blocks,
+    leading,
     linear,
     linear_backward,
     linear_torch,
-    out_features,
     present,
+    saves_pre,
     with_pdl,
 )
 from .plans import planned
@@ -71,14 +73,15 @@ LAYER_NORM_LINEAR_GLU = Tuned("layer_norm_linear", LINEAR.kernel, configs=LINEAR
 
 
 def layer_norm_linear_launch(x, norm_weight, norm_bias, eps, stats, weight, bias, activation, scale, residual,
-                             deinterleave, dropout, seed, branch_scale, weight2, weight3, bias2, bias3, config=None):
+                             deinterleave, dropout, seed, branch_scale, weight2, weight3, bias2, bias3, config=None,
+                             pre_out=False):
     """The GEMM with the LayerNorm applied to its x tiles, on 2-D x [M, K]; ``stats``: x's chunk statistics
-    from its producer, or None (a pass over x's rows first)."""
+    from its producer, or None (a pass over x's rows first). ``pre_out``: returns (output, pre-activation)."""
     weights = present(weight, weight2, weight3)
     biases = None if bias is None else present(bias, bias2, bias3)
     launcher = LAYER_NORM_LINEAR_GLU if activation == "swiglu" else LAYER_NORM_LINEAR
     return gemm_launch(launcher, x, weights, biases, activation, scale, residual, deinterleave, dropout, seed,
-                       branch_scale, norm=(norm_weight, norm_bias, eps, stats), config=config)
+                       branch_scale, norm=(norm_weight, norm_bias, eps, stats), config=config, pre_out=pre_out)
 
 
 @torch.library.custom_op("vit_kernels::layer_norm_linear", mutates_args=())
@@ -101,35 +104,67 @@ def _(x, norm_weight, norm_bias, eps, stats, weight, bias, activation, scale, re
     return fake_output(x, activation, weight, weight2, weight3)
 
 
+@torch.library.custom_op("vit_kernels::layer_norm_linear_saving_pre", mutates_args=())
+def layer_norm_linear_saving_pre_op(x: torch.Tensor, norm_weight: torch.Tensor | None,
+                                    norm_bias: torch.Tensor | None, eps: float, stats: torch.Tensor | None,
+                                    weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+                                    scale: torch.Tensor | None, residual: torch.Tensor | None, deinterleave: int,
+                                    dropout: float, seed: torch.Tensor | None, branch_scale: torch.Tensor | None,
+                                    weight2: torch.Tensor | None, weight3: torch.Tensor | None,
+                                    bias2: torch.Tensor | None,
+                                    bias3: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layer_norm_linear_op`` plus the GEMM's pre-activation (not differentiable), saved for backward."""
+    return layer_norm_linear_launch(x, norm_weight, norm_bias, eps, stats, weight, bias, activation, scale, residual,
+                                    deinterleave, dropout, seed, branch_scale, weight2, weight3, bias2, bias3,
+                                    pre_out=True)
+
+
+@layer_norm_linear_saving_pre_op.register_fake
+def _(x, norm_weight, norm_bias, eps, stats, weight, bias, activation, scale, residual, deinterleave, dropout, seed,
+      branch_scale, weight2, weight3, bias2, bias3):
+    out = fake_output(x, activation, weight, weight2, weight3)
+    return out, torch.empty_like(out)
+
+
+def layer_norm_linear_recorded(*args):
+    """``layer_norm_linear_op``, or under autograd with an activation the op saving its pre-activation."""
+    if saves_pre(args[7], args):
+        return layer_norm_linear_saving_pre_op(*args)[0]
+    return layer_norm_linear_op(*args)
+
+
 # argument positions in layer_norm_linear_op -> linear_op's (for linear_backward's needs_input_grad)
 _LINEAR_POSITIONS = {0: 0, 5: 1, 6: 2, 8: 4, 9: 5, 14: 10, 15: 11, 16: 12, 17: 13}
 _NORM_ARGS = (1, 2)
 
 
-def _setup(ctx, inputs, output):
+def _setup(ctx, inputs, output, pre=None):
     (x, norm_weight, norm_bias, eps, _stats, weight, bias, activation, scale, _residual, deinterleave, dropout, seed,
      branch_scale, weight2, weight3, bias2, bias3) = inputs
     ctx.save_for_backward(x, norm_weight, norm_bias, weight, bias, scale, seed, branch_scale, weight2, weight3, bias2,
-                          bias3)
+                          bias3, pre)
     ctx.eps, ctx.activation, ctx.deinterleave, ctx.dropout = eps, activation, deinterleave, dropout
 
 
 def _grad(ctx, dy):
-    x, norm_weight, norm_bias, weight, bias, scale, seed, branch_scale, weight2, weight3, bias2, bias3 = \
+    x, norm_weight, norm_bias, weight, bias, scale, seed, branch_scale, weight2, weight3, bias2, bias3, pre = \
         ctx.saved_tensors
     needs = ctx.needs_input_grad
     linear_needs = [False] * 14
     for ours, theirs in _LINEAR_POSITIONS.items():
         linear_needs[theirs] = needs[ours]
     linear_needs[0] = needs[0] or any(needs[i] for i in _NORM_ARGS)  # d(normalized x) feeds all three
+    shape = x.shape
+    x = x.reshape(-1, x.shape[-1])  # as rows
     normed, mean, rstd = layer_norm_op(x, norm_weight, norm_bias, ctx.eps)
     weights = present(weight, weight2, weight3)
     biases = None if bias is None else present(bias, bias2, bias3)
     dnormed, dws, dbs, dscale = linear_backward(dy, normed, weights, biases, ctx.activation, scale, ctx.deinterleave,
-                                                ctx.dropout, seed, branch_scale, linear_needs)
+                                                ctx.dropout, seed, branch_scale, linear_needs, pre)
     dx = dnorm_weight = dnorm_bias = None
     if linear_needs[0]:
         dx, dnorm_weight, dnorm_bias = layer_norm_backward_op(dnormed, x, norm_weight, mean, rstd)
+        dx = dx.view(shape)
     dws, dbs = [*dws, None, None][:3], [*dbs, None, None][:3]
     return (dx if needs[0] else None, dnorm_weight if norm_weight is not None and needs[1] else None,
             dnorm_bias if norm_bias is not None and needs[2] else None, None, None, dws[0], dbs[0], None, dscale,
@@ -137,6 +172,16 @@ def _grad(ctx, dy):
 
 
 layer_norm_linear_op.register_autograd(_grad, setup_context=_setup)
+
+
+def _saving_pre_setup(ctx, inputs, output):
+    _setup(ctx, inputs, output, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+layer_norm_linear_saving_pre_op.register_autograd(lambda ctx, dy, _dpre: _grad(ctx, dy),
+                                                  setup_context=_saving_pre_setup)
+
 # linear_backward reads its needs by linear_op's positions; these keep the two tables honest
 assert {_LINEAR_POSITIONS[k] for k in (5, 14, 15)} == set(WEIGHT_ARGS)
 assert {_LINEAR_POSITIONS[k] for k in (6, 16, 17)} == set(BIAS_ARGS)
@@ -185,15 +230,13 @@ def layer_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bi
     check_vector("norm_bias", norm_bias, x.shape[-1], x.dtype, x.device)
     check_stats(stats, x2)
     lead = x.shape[:-1]
-    n = out_features([w.shape[0] for w in weights], activation)
     return dispatch(
         (x,), lambda: layer_norm_linear_torch(x, norm_weight, norm_bias, weights, biases, eps, activation, scale,
                                               residual, deinterleave, dropout, branch_scale),
-        layer_norm_linear_op, layer_norm_linear_launch,
-        lambda: (x2, norm_weight, norm_bias, float(eps), stats, weights[0], None if biases is None else biases[0],
-                 activation, scale, res2, deinterleave, float(dropout), new_seed() if dropout else None,
-                 branch_scale, *later_blocks(weights), *later_blocks(biases)),
-        finish=lambda out: out.view(*lead, n))
+        layer_norm_linear_recorded, layer_norm_linear_launch,
+        lambda: (x, norm_weight, norm_bias, float(eps), stats, weights[0], None if biases is None else biases[0],
+                 activation, scale, leading(res2, lead), deinterleave, float(dropout),
+                 new_seed() if dropout else None, branch_scale, *later_blocks(weights), *later_blocks(biases)))
 
 
 # --- registry entry ----------------------------------------------------------------------------------------
@@ -206,10 +249,11 @@ VARIANTS = (
     {**NORMED, "WEIGHT_BLOCKS": 3},  # Hugging Face's q/k/v
     {**NORMED, "ACTIVATION": "gelu"},  # fc1
     {**NORMED, "ACTIVATION": "gelu", "DROPOUT": True},  # fc1 in training
+    *({**NORMED, "ACTIVATION": "gelu", "DROPOUT": drop, "PRE_OUT": True} for drop in (False, True)),  # saving pre
     {**NORMED, "NORM_STATS": "prepass", "HAS_SCALE": True, "HAS_RESIDUAL": True},  # proj / fc2 after an inner norm
 )
 # inside the graph runner's PDL captures (sm_90 only): every inference variant (ops/linear.py's PDL_VARIANTS)
-PDL_VARIANTS = tuple(with_pdl(v) for v in VARIANTS if not v["DROPOUT"])
+PDL_VARIANTS = tuple(with_pdl(v) for v in VARIANTS if not v["DROPOUT"] and not v.get("PRE_OUT"))
 GLU_VARIANTS = (*({**NORMED, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2, "DROPOUT": drop} for drop in (False, True)),
                 with_pdl({**NORMED, "ACTIVATION": "swiglu", "WEIGHT_BLOCKS": 2}))
 
@@ -219,9 +263,9 @@ def _opcheck_samples(device):
         return randn(*shape, device=device, grad=True)
 
     def sample(x, nw, nb, stats, w, b, activation=None, scale=None, residual=None, deinterleave=1, dropout=0.0,
-               more_weights=(), more_biases=()):
+               more_weights=(), more_biases=(), op=layer_norm_linear_op):
         weights, biases = (w, *more_weights), (None if b is None else (b, *more_biases))
-        return (layer_norm_linear_op, (x, nw, nb, 1e-5, stats, w, b, activation, scale, residual, deinterleave,
+        return (op, (x, nw, nb, 1e-5, stats, w, b, activation, scale, residual, deinterleave,
                                        dropout, new_seed() if dropout else None, None, *later_blocks(weights),
                                        *later_blocks(biases)))
 
@@ -232,22 +276,27 @@ def _opcheck_samples(device):
             sample(r(7, 12), None, None, None, r(5, 12), None),
             sample(x, r(20), r(20), stats, r(13, 20), r(13), "swiglu", more_weights=(r(13, 20),), more_biases=(r(13),)),
             sample(x, r(20), None, None, r(10, 20), r(10), more_weights=(r(10, 20), r(10, 20)),
-                   more_biases=(r(10), r(10)))]
+                   more_biases=(r(10), r(10))),
+            sample(x, r(20), r(20), stats, r(30, 20), r(30), "gelu", dropout=0.25, op=layer_norm_linear_saving_pre_op),
+            sample(r(3, 3, 20), r(20), r(20), None, r(30, 20), r(30), "gelu", r(30), r(3, 3, 30),
+                   op=layer_norm_linear_saving_pre_op)]
 
 
 def _grad_cases(device):
     def r(*shape, scale=1.0):
         return randn(*shape, device=device, scale=scale, grad=True)
 
-    def case(label, activation, deinterleave, p):
+    def case(label, activation, deinterleave, p, saving=False):
         seed = new_seed()
 
         def fn(x, nw, nb, w, b, s, res):
-            return layer_norm_linear_op(x, nw, nb, 1e-5, None, w, b, activation, s, res, deinterleave, p,
-                                        seed if p else None, None, None, None, None, None)
+            args = (x, nw, nb, 1e-5, None, w, b, activation, s, res, deinterleave, p, seed if p else None, None, None,
+                    None, None, None)
+            return layer_norm_linear_saving_pre_op(*args)[0] if saving else layer_norm_linear_op(*args)
         return GradCase(label, fn, (r(5, 16, scale=2.0), r(16), r(16), r(24, 16, scale=0.3), r(24), r(24), r(5, 24)))
 
-    return [case("qkv deinterleave=3", None, 3, 0.0), case("gelu dropout=0.2 scale residual", "gelu", 1, 0.2)]
+    return [case("qkv deinterleave=3", None, 3, 0.0), case("gelu dropout=0.2 scale residual", "gelu", 1, 0.2),
+            case("pre-activation saved, gelu dropout=0.2 scale residual", "gelu", 1, 0.2, saving=True)]
 
 
 def _examples(device, dtype, batch):
@@ -294,7 +343,7 @@ register(OpSpec(
             "epilogue, or one pass over the rows), with every `ops.linear` epilogue: no normalized copy; the "
             "unfused backward",
     kernels=(KernelGrid(LAYER_NORM_LINEAR, VARIANTS + PDL_VARIANTS), KernelGrid(LAYER_NORM_LINEAR_GLU, GLU_VARIANTS)),
-    custom_ops=(layer_norm_linear_op,),
+    custom_ops=(layer_norm_linear_op, layer_norm_linear_saving_pre_op),
     opcheck_samples=_opcheck_samples,
     grad_cases=_grad_cases,
     examples=_examples,

@@ -16,16 +16,19 @@ two accumulators and forms silu(gate) * up before the epilogue: one launch, outp
 from __future__ import annotations
 
 import functools
+import math
+import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..validate import check_device, check_probability, check_tensor, check_vector
 from . import guard, pdl
-from .dispatch import INTERPRET, dispatch
+from .dispatch import INTERPRET, Flag, dispatch
 from .dropout import dropout_args, dropout_op, new_seed
 from .fast_launch import use_descriptor_scratch
 from .launch import Sized, Tuned, cdiv, config, dot_precision, launch_grid, new_output, row_major
@@ -70,14 +73,19 @@ def tl_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split
               HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
               HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr,
               WEIGHT_BLOCKS: tl.constexpr, stats_out_ptr, STATS_OUT: tl.constexpr, STATS_CHUNK: tl.constexpr,
-              TMA_STORE: tl.constexpr, FAST_GELU: tl.constexpr):
+              TMA_STORE: tl.constexpr, FAST_GELU: tl.constexpr, pre_ptr, PRE_OUT: tl.constexpr):
     """The epilogue of one output tile; returns the tile as stored (TMA_STORE: the caller stores it through a
-    descriptor instead of the pointer store here; FAST_GELU: see tl_gelu_fast)."""
+    descriptor instead of the pointer store here; FAST_GELU: see tl_gelu_fast). PRE_OUT: the pre-activation
+    (after the bias) is stored to ``pre_ptr`` too, laid out like the output: backward reads it instead of
+    recomputing the GEMM."""
     n_mask = offs_n < N
     if HAS_BIAS and ACTIVATION != "swiglu":  # swiglu: both blocks' biases went in before the gated product
         bias_ptrs = tl_block_ptrs(tl_weight_row(offs_n % N, N, DEINTERLEAVE), 0, split1, split2, bias_ptr, bias2_ptr,
                                   bias3_ptr, 1, 1, 1, WEIGHT_BLOCKS)
         acc += tl.load(bias_ptrs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if PRE_OUT:  # (the output's addressing is formed below, after the activation: fewer live registers there)
+        tl.store(pre_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
+                 acc.to(pre_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_mask[None, :])
     acc = tl_activation(acc, ACTIVATION, FAST_GELU)  # elementwise; swiglu's product is formed before the epilogue
     if DROPOUT:  # indexed by output (row, column): the same mask whatever the tiling
         acc = tl_apply_dropout(acc, seed, offs_m, offs_n, 0, dropout_p, keep_scale)
@@ -186,7 +194,7 @@ def tl_store_tile(acc, pid_m, pid_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split
                   HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr,
                   WEIGHT_BLOCKS: tl.constexpr, stats_out_ptr, STATS_OUT: tl.constexpr, STATS_CHUNK: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr, out_desc,
-                  TMA_STORE: tl.constexpr, FAST_GELU: tl.constexpr):
+                  TMA_STORE: tl.constexpr, FAST_GELU: tl.constexpr, pre_ptr, PRE_OUT: tl.constexpr):
     """The epilogue of output tile (pid_m, pid_n); SPLIT_EPILOGUE: as two column halves, one after the other
     (half the epilogue registers, so wide tiles do not spill). TMA_STORE: the output leaves through ``out_desc``
     (a descriptor of [M, N] with blocks of one half or whole tile; TMA clips what lies past M and N)."""
@@ -202,19 +210,19 @@ def tl_store_tile(acc, pid_m, pid_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split
                           split1, split2, scale_ptr, branch_ptr, res_ptr, out_ptr, stride_rm, stride_om, seed,
                           dropout_p, keep_scale, rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE,
                           HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE, WEIGHT_BLOCKS, stats_out_ptr, STATS_OUT,
-                          STATS_CHUNK, TMA_STORE, FAST_GELU)
+                          STATS_CHUNK, TMA_STORE, FAST_GELU, pre_ptr, PRE_OUT)
         if TMA_STORE:
             out_desc.store([pid_m * BLOCK_M, n0], out)
 
 
 @triton.jit
-def tl_linear_persistent(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stats_out_ptr, M, N, K,
-                         stride_am, stride_wn, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample,
+def tl_linear_persistent(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stats_out_ptr, pre_ptr, M,
+                         N, K, stride_am, stride_wn, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample,
                          HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr,
                          HAS_SCALE: tl.constexpr, HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, STATS_OUT: tl.constexpr, STATS_CHUNK: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         SPLIT_EPILOGUE: tl.constexpr, DEINTERLEAVE: tl.constexpr):
+                         SPLIT_EPILOGUE: tl.constexpr, DEINTERLEAVE: tl.constexpr, PRE_OUT: tl.constexpr):
     """The TMA engine: a persistent program walks output tiles (grouped order, stride = the grid size) and
     loads x and W tiles through device-side tensor descriptors (TMA on sm_90: no address math, zero fill past
     M, N and K, so the K loop has no masks). The tile loop is flattened into the K loop, so the software
@@ -251,13 +259,13 @@ def tl_linear_persistent(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr,
         tl_store_tile(acc, pid_m, pid_n, M, N, bias_ptr, bias_ptr, bias_ptr, N, N, scale_ptr, branch_ptr, res_ptr,
                       out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS,
                       ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE, 1, stats_out_ptr,
-                      STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, out_desc, True, True)
+                      STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, out_desc, True, True, pre_ptr, PRE_OUT)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr, scale_ptr, branch_ptr, res_ptr,
-                   out_ptr, stats_in_ptr, norm_w_ptr, norm_b_ptr, stats_out_ptr, M, N, K, split1, split2, stride_am,
-                   stride_wn, stride_wn2, stride_wn3, stride_rm, stride_om, seed, dropout_p, keep_scale,
+                   out_ptr, stats_in_ptr, norm_w_ptr, norm_b_ptr, stats_out_ptr, pre_ptr, M, N, K, split1, split2,
+                   stride_am, stride_wn, stride_wn2, stride_wn3, stride_rm, stride_om, seed, dropout_p, keep_scale,
                    rows_per_sample, norm_eps,
                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
                    HAS_BRANCH_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DEINTERLEAVE: tl.constexpr,
@@ -265,7 +273,7 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
                    NORM_WEIGHT: tl.constexpr, NORM_BIAS: tl.constexpr, STATS_OUT: tl.constexpr,
                    STATS_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr, PERSISTENT: tl.constexpr = False,
-                   PROGRAMS_PER_SM: tl.constexpr = 1, PDL: tl.constexpr = 0):
+                   PROGRAMS_PER_SM: tl.constexpr = 1, PDL: tl.constexpr = 0, PRE_OUT: tl.constexpr = False):
     """The pointer engine: one output tile per program, cp.async loads masked along K. PERSISTENT: the TMA
     engine instead (tl_linear_persistent; one weight block, no LayerNorm in, no swiglu), PROGRAMS_PER_SM of them
     per SM (read by the launch grid only: two where a config's shared memory lets two CTAs share an SM).
@@ -275,17 +283,18 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
     next layer_norm_linear reads as "partials" instead of a pass over x.
     PDL (launched as a programmatic dependent launch, ops/pdl.py): 1 waits for the previous kernel before any
     read or write, 2 first prefetches the weight rows of the program's first tile into L2 (not in the split-
-    epilogue 128x256 tiles); the pointer engine lets the next kernel launch once its K loop is done."""
+    epilogue 128x256 tiles); the pointer engine lets the next kernel launch once its K loop is done.
+    PRE_OUT (training, not swiglu): the epilogue also stores the pre-activation to ``pre_ptr`` for backward."""
     if PDL:  # no prefetch in the 128x256 tiles: at 255 registers it spills them (compile check)
         first_n = tl_grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)[1] * BLOCK_N
         tl_dependent_launch_wait(1 if SPLIT_EPILOGUE else PDL, w_ptr, tl_weight_row(
             (first_n + tl.arange(0, BLOCK_N)) % N, N, DEINTERLEAVE).to(tl.int64), stride_wn, K)
     if PERSISTENT:
-        tl_linear_persistent(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stats_out_ptr, M, N, K,
-                             stride_am, stride_wn, stride_rm, stride_om, seed, dropout_p, keep_scale,
+        tl_linear_persistent(a_ptr, w_ptr, bias_ptr, scale_ptr, branch_ptr, res_ptr, out_ptr, stats_out_ptr, pre_ptr,
+                             M, N, K, stride_am, stride_wn, stride_rm, stride_om, seed, dropout_p, keep_scale,
                              rows_per_sample, HAS_BIAS, ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE,
                              HAS_RESIDUAL, DOT_PRECISION, STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-                             SPLIT_EPILOGUE, DEINTERLEAVE)
+                             SPLIT_EPILOGUE, DEINTERLEAVE, PRE_OUT)
         return
     pid_m, pid_n = tl_grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -337,7 +346,8 @@ def _linear_kernel(a_ptr, w_ptr, w2_ptr, w3_ptr, bias_ptr, bias2_ptr, bias3_ptr,
     tl_store_tile(acc, pid_m, pid_n, M, N, bias_ptr, bias2_ptr, bias3_ptr, split1, split2, scale_ptr, branch_ptr,
                   res_ptr, out_ptr, stride_rm, stride_om, seed, dropout_p, keep_scale, rows_per_sample, HAS_BIAS,
                   ACTIVATION, DROPOUT, HAS_SCALE, HAS_BRANCH_SCALE, HAS_RESIDUAL, DEINTERLEAVE, WEIGHT_BLOCKS,
-                  stats_out_ptr, STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, out_ptr, False, False)
+                  stats_out_ptr, STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE, out_ptr, False, False,
+                  pre_ptr, PRE_OUT)
 
 
 @triton.jit
@@ -385,18 +395,23 @@ def _split_k_reduce_kernel(part_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, stat
         part += M * N
     tl_store_tile(acc, pid_m, pid_n, M, N, bias_ptr, bias_ptr, bias_ptr, N, N, scale_ptr, scale_ptr, res_ptr, out_ptr,
                   stride_rm, stride_om, 0, 0.0, 1.0, 1, HAS_BIAS, ACTIVATION, False, HAS_SCALE, False, HAS_RESIDUAL, 1,
-                  1, stats_out_ptr, STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, False, out_ptr, False, False)
+                  1, stats_out_ptr, STATS_OUT, STATS_CHUNK, BLOCK_M, BLOCK_N, False, out_ptr, False, False, out_ptr,
+                  False)
 
 
 def training_epilogue_fits(meta: dict, flags: dict) -> bool:
     """Tiles that compile spill-free with the training-only epilogues (compile check, sm_80/sm_90): Philox
-    dropout and the stochastic-depth row factor each spill the 128x256 tile; 128x128 and below fit."""
-    return not ((flags.get("DROPOUT") or flags.get("HAS_BRANCH_SCALE")) and meta["BLOCK_N"] > 128)
+    dropout, the stochastic-depth row factor and the saved pre-activation (PRE_OUT) each spill the 128x256
+    tile; 128x128 and below fit, but for 128x64 (4 warps) with PRE_OUT (8 bytes on sm_80: triton 3.8 with dropout,
+    triton 3.6 with gelu_tanh)."""
+    if (flags.get("DROPOUT") or flags.get("HAS_BRANCH_SCALE") or flags.get("PRE_OUT")) and meta["BLOCK_N"] > 128:
+        return False
+    return not (flags.get("PRE_OUT") and (meta["BLOCK_M"], meta["BLOCK_N"]) == (128, 64))
 
 
 LINEAR_ARGS = dict(
     key=["M", "N", "K", "HAS_RESIDUAL", "ACTIVATION", "DROPOUT", "HAS_BRANCH_SCALE", "WEIGHT_BLOCKS", "NORM_STATS",
-         "STATS_OUT"],
+         "STATS_OUT", "PRE_OUT"],
     interpret_config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_EPILOGUE=True),
     arg_types={"branch_ptr": "*fp32", "dropout_p": "fp32", "keep_scale": "fp32", "stats_in_ptr": "*fp32",
                "stats_out_ptr": "*fp32", "norm_eps": "fp32"},
@@ -469,7 +484,8 @@ def tma_fits(meta: dict, flags: dict) -> bool:
     wide = flags.get("DEINTERLEAVE", 1) > 1 and meta["BLOCK_N"] > DEINTERLEAVE_MAX_BLOCK_N
     training = flags.get("DROPOUT") and flags.get("HAS_BRANCH_SCALE") and (
         meta["BLOCK_M"], meta["BLOCK_N"], meta["num_stages"]) in TMA_TRAINING_SPILLS
-    return training_epilogue_fits(meta, flags) and not wide and not training
+    saving_dropout = flags.get("DROPOUT") and flags.get("PRE_OUT")  # every TMA tile spills 8-16 bytes (fp16)
+    return training_epilogue_fits(meta, flags) and not wide and not training and not saving_dropout
 
 
 def tma_fits_arch(meta: dict, flags: dict, arch: int) -> bool:
@@ -484,7 +500,7 @@ LINEAR_TMA = Tuned(
     size_keep=small_m_size,
     arch_keep=tma_fits_arch,
     pending=("linear_tma", lambda meta: meta.get("PERSISTENT", False)),
-    outputs=("out_ptr", "stats_out_ptr"),
+    outputs=("out_ptr", "stats_out_ptr", "pre_ptr"),
     **LINEAR_ARGS,
 )
 
@@ -637,7 +653,7 @@ def later_blocks(blocks) -> list:
 
 def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1, dropout=0.0,
                   seed=None, branch_scale=None, weight2=None, weight3=None, bias2=None, bias3=None, config=None,
-                  stats_out=False):
+                  stats_out=False, pre_out=False):
     """Launch the fused GEMM on 2-D ``x`` [M, K] and ``weight`` [N, K]; returns [M, N] in x's dtype.
     ``dropout`` > 0 needs ``seed`` (a ``new_seed()`` tensor); ``branch_scale`` is an fp32 [S] vector, S
     dividing M, row m scaled by branch_scale[m // (M / S)]. ``weight2``/``weight3`` (and ``bias2``/``bias3``,
@@ -645,7 +661,8 @@ def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=No
     read in place. ``activation="swiglu"``: ``weight``/``weight2`` are the gate and up blocks [H, K] (biases
     likewise) and the output is silu(x gate^T + bias) * (x up^T + bias2), [M, H]. ``config`` (a triton.Config)
     bypasses autotuning: tests and the config sweep use it. ``stats_out``: returns (output, its LayerNorm
-    chunk statistics) instead (``linear_with_stats_launch``)."""
+    chunk statistics) instead (``linear_with_stats_launch``); ``pre_out``: returns (output, pre-activation)
+    (``linear_saving_pre_launch``)."""
     if weight3 is not None and weight2 is None:
         raise ValueError("weight3 is given without weight2")
     weights = present(weight, weight2, weight3)
@@ -653,7 +670,8 @@ def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=No
     if (biases is None and (bias2 is not None or bias3 is not None)) or (biases and len(biases) != len(weights)):
         raise ValueError(f"{len(weights)} weight blocks need as many bias blocks (bias, bias2, bias3) or none")
     return gemm_launch((LINEAR_GLU if activation == "swiglu" else LINEAR), x, weights, biases, activation, scale,
-                       residual, deinterleave, dropout, seed, branch_scale, stats_out=stats_out, config=config)
+                       residual, deinterleave, dropout, seed, branch_scale, stats_out=stats_out, config=config,
+                       pre_out=pre_out)
 
 
 def linear_with_stats_launch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1,
@@ -663,6 +681,15 @@ def linear_with_stats_launch(x, weight, bias=None, activation=None, scale=None, 
     fp32 [M, cdiv(N, STATS_CHUNK), 2] (mean, sum of squared deviations), for ``ops.layer_norm_linear``."""
     return linear_launch(x, weight, bias, activation, scale, residual, deinterleave, dropout, seed, branch_scale,
                          weight2, weight3, bias2, bias3, stats_out=True)
+
+
+def linear_saving_pre_launch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1,
+                             dropout=0.0, seed=None, branch_scale=None, weight2=None, weight3=None, bias2=None,
+                             bias3=None):
+    """``linear_launch`` that also returns the pre-activation x @ W^T + bias [M, N] (output order), which the
+    epilogue stores next to the output: backward reads it instead of recomputing the GEMM."""
+    return linear_launch(x, weight, bias, activation, scale, residual, deinterleave, dropout, seed, branch_scale,
+                         weight2, weight3, bias2, bias3, pre_out=True)
 
 
 # Split-K (issue 24): at small M even 16-row tiles leave fc2's K = 3072 loop serial (48 k-steps per program at
@@ -700,8 +727,9 @@ def split_k_plan(M, N, K, device) -> tuple[int, int]:
     return cdiv(K, k_per_split), k_per_split
 
 
-def split_k_launch(x, weight, bias, activation, scale, residual, stats_out=False):
-    """``gemm_launch`` of one weight block with an inference epilogue, as split-K partials + a reduction."""
+def split_k_launch(x, weight, bias, activation, scale, residual, stats_out=False, lead=None):
+    """``gemm_launch`` of one weight block with an inference epilogue, as split-K partials + a reduction, on 2-D
+    x and residual; the output has leading dims ``lead`` (default: x's rows)."""
     M, K = x.shape
     N = weight.shape[0]
     splits, k_per_split = split_k_plan(M, N, K, x.device)
@@ -709,46 +737,54 @@ def split_k_launch(x, weight, bias, activation, scale, residual, stats_out=False
     SPLIT_K.launch(lambda meta: launch_grid(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), splits),
                    x, weight, part, M, N, K, k_per_split, x.stride(0), weight.stride(0),
                    DOT_PRECISION=dot_precision(x.dtype))
-    out = new_output((M, N), x.device, x.dtype)
+    out = new_output((*(lead or (M,)), N), x.device, x.dtype)
     stats = new_output((M, cdiv(N, STATS_CHUNK), 2), x.device, torch.float32) if stats_out else None
     dummy = x  # never read: its flag is off
     SPLIT_K_REDUCE.launch(lambda meta: launch_grid(cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),
                           part, *(dummy if t is None else t for t in (bias, scale, residual)), out,
                           dummy if stats is None else stats, M, N, splits,
-                          0 if residual is None else residual.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+                          0 if residual is None else residual.stride(0), N, HAS_BIAS=bias is not None,
                           ACTIVATION=activation, HAS_SCALE=scale is not None, HAS_RESIDUAL=residual is not None,
                           STATS_OUT=stats_out, STATS_CHUNK=STATS_CHUNK)
     return (out, stats) if stats_out else out
 
 
 def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deinterleave, dropout, seed, branch_scale,
-                norm=None, stats_out=False, config=None, split_k=True):
+                norm=None, stats_out=False, config=None, split_k=True, pre_out=False):
     """``_linear_kernel`` through ``launcher`` (a Tuned over it) for weight blocks ``weights`` and bias blocks
     ``biases`` (None or one per block). ``norm``: (norm_weight, norm_bias, eps, stats) of a LayerNorm applied
     to x inside the K loop (stats: chunk statistics of x from its producer, or None: a pass over x first);
     ``stats_out``: also return the output's chunk statistics, fp32 [M, cdiv(N, STATS_CHUNK), 2]. ``split_k``:
-    where ``split_k_fits``, let guard.choose pick split-K or this one-launch GEMM for the shape."""
+    where ``split_k_fits``, let guard.choose pick split-K or this one-launch GEMM for the shape. ``pre_out``:
+    return (output, pre-activation) instead, the latter shaped like the output, in x's dtype (any activation but
+    swiglu). x (and the residual) may have any leading dims: the output has x's, allocated so (a model's output is
+    then no view of a 2-D one: FSDP2 warns of views, as an in-place op on one would skip its pre-backward hook)."""
     weights = [row_major(w) for w in weights]
     biases = None if biases is None else [row_major(b) for b in biases]
-    x = row_major(x)
-    scale, residual, branch_scale = (None if t is None else row_major(t) for t in (scale, residual, branch_scale))
+    lead = x.shape[:-1]
+    x = as_rows(x)
+    scale, branch_scale = (None if t is None else row_major(t) for t in (scale, branch_scale))
+    residual = None if residual is None else as_rows(residual)
     M, K = x.shape
     rows = [w.shape[0] for w in weights]
     if activation == "swiglu" and (len(rows) != 2 or rows[0] != rows[1]):
         raise ValueError(f"swiglu needs two weight blocks (gate, up) of equal rows, got blocks of {rows} rows")
     N = out_features(rows, activation)
-    if split_k and config is None and split_k_fits(M, N, K, weights, activation, deinterleave, norm, dropout,
-                                                    branch_scale):
+    if pre_out and (activation == "swiglu" or stats_out):
+        raise ValueError("pre_out serves one-tensor epilogues: not swiglu's gated product, not with stats_out")
+    if split_k and not pre_out and config is None and split_k_fits(M, N, K, weights, activation, deinterleave,
+                                                                    norm, dropout, branch_scale):
         bias = None if biases is None else biases[0]
         return guard.choose(
             "linear_split_k",
             lambda: (M, N, K, x.dtype, activation, bias is not None, scale is not None, residual is not None,
                      stats_out, x.device),
-            x, lambda _: split_k_launch(x, weights[0], bias, activation, scale, residual, stats_out),
+            x, lambda _: split_k_launch(x, weights[0], bias, activation, scale, residual, stats_out, lead),
             lambda _: gemm_launch(launcher, x, weights, biases, activation, scale, residual, deinterleave, dropout,
                                   seed, branch_scale, norm, stats_out, split_k=False))
-    out = new_output((M, N), x.device, x.dtype)
+    out = new_output((*lead, N), x.device, x.dtype)  # written as rows of N (contiguous)
     stats = new_output((M, cdiv(N, STATS_CHUNK), 2), x.device, torch.float32) if stats_out else None
+    pre = new_output((*lead, N), x.device, x.dtype) if pre_out else None
     if M and N:
         if launcher is LINEAR and tma_ready(x, weights, activation, deinterleave, norm):
             launcher = LINEAR_TMA
@@ -765,17 +801,23 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
         launcher.launch(
             gemm_grid(M, N, x.device),
             x, w1, w2, w3, b1, b2, b3, *(dummy if t is None else t for t in (scale, branch_scale, residual)), out,
-            *(dummy if t is None else t for t in (stats_in, norm_weight, norm_bias, stats)), M, N, K,
+            *(dummy if t is None else t for t in (stats_in, norm_weight, norm_bias, stats, pre)), M, N, K,
             rows[0], rows[0] + (rows[1] if len(rows) > 1 else 0),
             x.stride(0), w1.stride(0), w2.stride(0), w3.stride(0), 0 if residual is None else residual.stride(0),
-            out.stride(0), *dropout_args(dropout, seed), 1 if branch_scale is None else M // branch_scale.shape[0],
+            N, *dropout_args(dropout, seed), 1 if branch_scale is None else M // branch_scale.shape[0],
             float(eps), HAS_BIAS=biases is not None, ACTIVATION=activation, DROPOUT=dropout > 0,
             HAS_SCALE=scale is not None, HAS_BRANCH_SCALE=branch_scale is not None, HAS_RESIDUAL=residual is not None,
             DEINTERLEAVE=deinterleave, WEIGHT_BLOCKS=len(weights), DOT_PRECISION=dot_precision(x.dtype),
             NORM_STATS=None if norm is None else "prepass" if stats_in is None else "partials",
             NORM_WEIGHT=norm_weight is not None, NORM_BIAS=norm_bias is not None, STATS_OUT=stats_out,
-            STATS_CHUNK=STATS_CHUNK, config=config, **pdl.gemm_options(x, pdl_prefetches(len(weights), activation)))
-    return (out, stats) if stats_out else out
+            STATS_CHUNK=STATS_CHUNK, PRE_OUT=pre_out, config=config,
+            **pdl.gemm_options(x, pdl_prefetches(len(weights), activation)))
+    return (out, stats) if stats_out else (out, pre) if pre_out else out
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """t as rows [M, features] with unit stride along the features (a view where t's strides allow)."""
+    return row_major(t.reshape(-1, t.shape[-1]))
 
 
 def pdl_prefetches(weight_blocks: int, activation) -> bool:
@@ -827,45 +869,112 @@ def activation_derivative(pre: torch.Tensor, activation: str) -> torch.Tensor:
 WEIGHT_ARGS, BIAS_ARGS, SCALE_ARG, RESIDUAL_ARG = (1, 10, 11), (2, 12, 13), 4, 5
 
 
-def linear_backward(dy, x, weights, biases, activation, scale, deinterleave, dropout, seed, branch_scale, needs):
+def linear_backward(dy, x, weights, biases, activation, scale, deinterleave, dropout, seed, branch_scale, needs,
+                    pre=None):
     """(dx, dweights, dbiases, dscale) for the weight blocks ``weights`` and bias blocks ``biases`` (None or
-    one per block; dweights / dbiases: one entry per block, None where not needed). The pre-activation is
-    recomputed with our kernel, reading the blocks in place, only when the activation or scale needs it
-    (swiglu: one GEMM over the gate and up blocks gives both); the elementwise part (stochastic depth, the
-    dropout mask regenerated from the seed, layer scale, the activation's derivative, the bias and scale sums)
-    is one pass of ``_linear_grad_kernel``, chosen per shape by guard.choose against ``grad_epilogue_torch``
-    (swiglu: that one). The GEMMs are cuBLAS through torch.mm (allowed for the plain GEMMs of backward): dW is
-    one GEMM split into per-block views, dx one GEMM on the blocks' concatenation (a backward-only temporary)."""
+    one per block; dweights / dbiases: one entry per block, None where not needed). ``pre``: the pre-activation
+    the forward saved (``linear_saving_pre_op``), else recomputed with our kernel, reading the blocks in
+    place, when the activation needs it (swiglu: one GEMM over the gate and up blocks gives both). A layer
+    scale's gradient needs no pre-activation (``layer_scale_backward``). The elementwise part (stochastic depth,
+    the dropout mask regenerated from the seed, layer scale, the activation's derivative, the bias and scale
+    sums) is one pass (``grad_epilogue``). The GEMMs are cuBLAS through torch.mm (allowed for the plain GEMMs of
+    backward): dW is one GEMM split into per-block views, dx one GEMM on the blocks' concatenation (a
+    backward-only temporary)."""
+    shape = x.shape
+    x, dy, pre = (None if t is None else t.reshape(-1, t.shape[-1]) for t in (x, dy, pre))  # as rows
+    needs_dscale = scale is not None and bool(needs[SCALE_ARG])
+    backward = layer_scale_backward if activation is None and needs_dscale else gemm_backward
+    dx, dws, dbs, dscale = backward(dy, x, weights, biases, activation, scale, deinterleave, dropout, seed,
+                                    branch_scale, needs, pre)
+    return (None if dx is None else dx.view(shape)), dws, dbs, dscale
+
+
+def gemm_backward(dy, x, weights, biases, activation, scale, deinterleave, dropout, seed, branch_scale, needs,
+                  pre):
+    """``linear_backward`` on rows (2-D x, dy, pre); a trainable layer scale without activation takes
+    ``layer_scale_backward`` instead."""
     needs_dscale = scale is not None and bool(needs[SCALE_ARG])
     needs_dbias = biases is not None and any(needs[i] for i in BIAS_ARGS[:len(biases)])
-    pre = None
-    if activation is not None or needs_dscale:
+    if pre is None and (activation is not None or needs_dscale):
         pre = linear_op(x, weights[0], None if biases is None else biases[0], None, None, None, deinterleave, 0.0,
                         None, None, *later_blocks(weights), *later_blocks(biases))
-    args = (dy, pre, scale, branch_scale, seed, activation, deinterleave, needs_dscale, needs_dbias, x.dtype)
-    if activation == "swiglu" or tracing(dy):
-        g, dbias, dscale = grad_epilogue_torch(*args, dropout)
-    else:
-        g, dbias, dscale = guard.choose(
-            "linear_grad_epilogue", lambda: (tuple(dy.shape), dy.dtype, x.dtype, activation, scale is not None,
-                                             branch_scale is not None, deinterleave, needs_dscale, needs_dbias,
-                                             dy.device),
-            dy, lambda p: grad_epilogue_launch(*args, p), lambda p: grad_epilogue_torch(*args, p), dropout)
-    rows = [w.shape[0] for w in weights]
-
-    def per_block(t):  # one tensor over all blocks' rows -> a view per block
-        return (t,) if len(weights) == 1 else t.split(rows)
-
-    dx = None
-    if needs[0]:
-        dx = torch.mm(g, weights[0] if len(weights) == 1 else torch.cat(weights))
+    g, dbias, dscale = grad_epilogue(dy, pre, scale, branch_scale, seed, activation, deinterleave, needs_dscale,
+                                     needs_dbias, x.dtype, dropout)
+    dx = torch.mm(g, cat_rows(weights)) if needs[0] else None
     dws = [None] * len(weights)
     if any(needs[i] for i in WEIGHT_ARGS[:len(weights)]):
-        dws = [dw if needs[i] else None for dw, i in zip(per_block(torch.mm(g.t(), x)), WEIGHT_ARGS)]
+        dws = per_block(torch.mm(g.t(), x), weights, WEIGHT_ARGS, needs)
     dbs = [None] * len(weights)
     if needs_dbias:
-        dbs = [db.to(b.dtype) if needs[i] else None for db, b, i in zip(per_block(dbias), biases, BIAS_ARGS)]
+        dbs = [None if db is None else db.to(b.dtype) for db, b in zip(per_block(dbias, weights, BIAS_ARGS, needs),
+                                                                      biases)]
     return dx, dws, dbs, None if dscale is None else dscale.to(scale.dtype)
+
+
+def grad_epilogue(dy, pre, scale, branch_scale, seed, activation, deinterleave, needs_dscale, needs_dbias, dtype,
+                  dropout):
+    """``grad_epilogue_torch``'s (g, dbias, dscale): one pass of ``_linear_grad_kernel``, chosen per shape by
+    guard.choose against the PyTorch composition (swiglu and traced backward: that one)."""
+    args = (dy, pre, scale, branch_scale, seed, activation, deinterleave, needs_dscale, needs_dbias, dtype)
+    if activation == "swiglu" or tracing(dy):
+        return grad_epilogue_torch(*args, dropout)
+    return guard.choose(
+        "linear_grad_epilogue", lambda: (tuple(dy.shape), dy.dtype, dtype, activation, scale is not None,
+                                         branch_scale is not None, deinterleave, needs_dscale, needs_dbias,
+                                         dy.device),
+        dy, lambda p: grad_epilogue_launch(*args, p), lambda p: grad_epilogue_torch(*args, p), dropout)
+
+
+def cat_rows(weights) -> torch.Tensor:
+    return weights[0] if len(weights) == 1 else torch.cat(weights)
+
+
+def per_block(t, weights, positions, needs) -> list:
+    """One tensor over all blocks' rows -> a view per block (None where its argument needs no gradient)."""
+    parts = (t,) if len(weights) == 1 else t.split([w.shape[0] for w in weights])
+    return [p if needs[i] else None for p, i in zip(parts, positions)]
+
+
+def layer_scale_backward(dy, x, weights, biases, _activation, scale, deinterleave, dropout, seed, branch_scale, needs,
+                         _pre):
+    """``linear_backward`` of y = scale * (x W^T + b) (+ residual) when the scale's gradient is needed, with no
+    GEMM recomputed and nothing saved: with u the gradient reaching the scaled product (dy after stochastic depth
+    and dropout, weight-row order) and P = u^T x in fp32, dscale = rowsum(P * W) + b * colsum(u),
+    dW = scale * P, dbias = scale * colsum(u), dx = (u * scale) @ W: elementwise work in place of an M x N x K
+    GEMM (proj and fc2 of layer-scale models: DINOv2, EVA-02, CaiT). u * scale is rounded like PyTorch's own
+    dy * gamma (not u @ (scale * W): layer scales start at 1e-5 to 1e-6, and scale * W underflows fp16 where
+    the loss-scaled u * scale does not)."""
+    needs_dbias = biases is not None and any(needs[i] for i in BIAS_ARGS[:len(biases)])
+    u, usum, _ = grad_epilogue(dy, None, None, branch_scale, seed, None, deinterleave, False, True, x.dtype, dropout)
+    rows_scale = scale.float()
+    if deinterleave > 1:  # the scale is in output order; u, P and W in weight-row order
+        rows_scale = rows_scale.view(deinterleave, -1).t().reshape(-1)
+    w = cat_rows(weights)
+    p = mm_fp32(u.t(), x)
+    dscale = (p * w.float()).sum(1)
+    if biases is not None:
+        dscale += cat_rows(biases).float() * usum
+    if deinterleave > 1:  # back to output order
+        dscale = dscale.view(-1, deinterleave).t().reshape(-1)
+    dx = torch.mm(u * rows_scale.to(u.dtype), w) if needs[0] else None
+    dws = per_block(p * rows_scale[:, None], weights, WEIGHT_ARGS, needs)
+    dws = [None if dw is None else dw.to(wi.dtype) for dw, wi in zip(dws, weights)]
+    dbs = [None] * len(weights)
+    if needs_dbias:
+        dbs = [None if db is None else db.to(b.dtype)
+               for db, b in zip(per_block(usum * rows_scale, weights, BIAS_ARGS, needs), biases)]
+    return dx, dws, dbs, dscale.to(scale.dtype)
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result: 16-bit CUDA inputs through cuBLAS's fp32 output (``out_dtype``), so the
+    product is never rounded to 16 bits (nor overflows fp16); elsewhere in fp32."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except TypeError:  # torch < 2.8: no out_dtype
+            pass
+    return torch.mm(a.float(), b.float())
 
 
 @torch.library.custom_op("vit_kernels::linear", mutates_args=())
@@ -882,8 +991,9 @@ def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 
 
 def fake_output(x, activation, *weights):
-    """The GEMM's output for fake tensors: [M, out_features] of the present weight blocks, in x's dtype."""
-    return x.new_empty((x.shape[0], out_features([w.shape[0] for w in present(*weights)], activation)))
+    """The GEMM's output for fake tensors: x's leading dims, out_features of the present weight blocks, x's
+    dtype."""
+    return x.new_empty((*x.shape[:-1], out_features([w.shape[0] for w in present(*weights)], activation)))
 
 
 @linear_op.register_fake
@@ -892,21 +1002,21 @@ def _(x, weight, bias, activation, scale, residual, deinterleave, dropout=0.0, s
     return fake_output(x, activation, weight, weight2, weight3)
 
 
-def _linear_setup(ctx, inputs, output):
+def _linear_setup(ctx, inputs, output, pre=None):
     (x, weight, bias, activation, scale, residual, deinterleave, dropout, seed, branch_scale,
      weight2, weight3, bias2, bias3) = inputs
-    ctx.save_for_backward(x, weight, bias, scale, seed, branch_scale, weight2, weight3, bias2, bias3)
+    ctx.save_for_backward(x, weight, bias, scale, seed, branch_scale, weight2, weight3, bias2, bias3, pre)
     ctx.activation, ctx.deinterleave, ctx.has_residual, ctx.dropout = (activation, deinterleave,
                                                                        residual is not None, dropout)
 
 
 def _linear_grad(ctx, dy):
-    x, weight, bias, scale, seed, branch_scale, weight2, weight3, bias2, bias3 = ctx.saved_tensors
+    x, weight, bias, scale, seed, branch_scale, weight2, weight3, bias2, bias3, pre = ctx.saved_tensors
     needs = ctx.needs_input_grad
     weights = present(weight, weight2, weight3)
     biases = None if bias is None else present(bias, bias2, bias3)
     dx, dws, dbs, dscale = linear_backward(dy, x, weights, biases, ctx.activation, scale, ctx.deinterleave,
-                                           ctx.dropout, seed, branch_scale, needs)
+                                           ctx.dropout, seed, branch_scale, needs, pre)
     dws, dbs = [*dws, None, None][:3], [*dbs, None, None][:3]
     return (dx, dws[0], dbs[0], None, dscale, (dy if ctx.has_residual and needs[RESIDUAL_ARG] else None), None, None,
             None, None, dws[1], dws[2], dbs[1], dbs[2])
@@ -932,7 +1042,8 @@ def linear_with_stats_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 def _(x, weight, bias, activation, scale, residual, deinterleave, dropout=0.0, seed=None, branch_scale=None,
       weight2=None, weight3=None, bias2=None, bias3=None):
     out = fake_output(x, activation, weight, weight2, weight3)
-    return out, x.new_empty((x.shape[0], cdiv(out.shape[1], STATS_CHUNK), 2), dtype=torch.float32)
+    rows = math.prod(x.shape[:-1])
+    return out, x.new_empty((rows, cdiv(out.shape[-1], STATS_CHUNK), 2), dtype=torch.float32)
 
 
 def _linear_with_stats_setup(ctx, inputs, output):
@@ -1014,8 +1125,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
     stored values. Pass them to ``ops.layer_norm_linear(output, ..., stats=stats)`` to normalize the output in
     the next GEMM without another pass over it. The PyTorch fallback computes them with PyTorch.
     """
-    x2, res2, weights, biases = check_public_linear(x, weight, bias, activation, scale, residual, deinterleave,
-                                                    dropout, branch_scale)
+    _, res2, weights, biases = check_public_linear(x, weight, bias, activation, scale, residual, deinterleave,
+                                                   dropout, branch_scale)
     lead = x.shape[:-1]
     n = out_features([w.shape[0] for w in weights], activation)
     b1 = None if biases is None else biases[0]
@@ -1027,14 +1138,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
         y = linear_torch(x, weights, biases, activation, scale, residual, deinterleave, dropout, branch_scale)
         return (y, chunk_stats(y.reshape(-1, n))) if norm_stats else y
 
-    def finish(out):
-        return (out[0].view(*lead, n), out[1]) if norm_stats else out.view(*lead, n)
-
     return dispatch(
-        (x,), fallback, linear_with_stats_op if norm_stats else linear_op,
+        (x,), fallback, linear_with_stats_op if norm_stats else linear_recorded,
         linear_with_stats_launch if norm_stats else linear_launch,
-        lambda: (x2, weights[0], b1, activation, scale, res2, deinterleave, float(dropout),
-                 new_seed() if dropout else None, branch_scale, *blocks), finish=finish)
+        lambda: (x, weights[0], b1, activation, scale, leading(res2, lead), deinterleave, float(dropout),
+                 new_seed() if dropout else None, branch_scale, *blocks))
+
+
+def leading(rows: torch.Tensor | None, lead) -> torch.Tensor | None:
+    """A residual given as rows [M, N] (or x's shape) with x's leading dims: the custom ops take tensors shaped
+    as the output, whose gradient they return for it."""
+    return None if rows is None else rows.reshape(*lead, rows.shape[-1])
 
 
 def check_public_linear(x, weight, bias, activation, scale, residual, deinterleave, dropout, branch_scale):
@@ -1128,11 +1242,65 @@ LINEAR_GRAD = Sized("linear_grad", _linear_grad_kernel, linear_grad_config, (),
                     quiet_fp=("over",))  # exp overflow in gelu_tanh's sigmoid at large |x|: it saturates right
 
 
+@torch.library.custom_op("vit_kernels::linear_saving_pre", mutates_args=())
+def linear_saving_pre_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+                         scale: torch.Tensor | None, residual: torch.Tensor | None, deinterleave: int,
+                         dropout: float = 0.0, seed: torch.Tensor | None = None,
+                         branch_scale: torch.Tensor | None = None, weight2: torch.Tensor | None = None,
+                         weight3: torch.Tensor | None = None, bias2: torch.Tensor | None = None,
+                         bias3: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear_op`` plus its pre-activation (not differentiable), saved for backward (``saves_pre``)."""
+    return linear_saving_pre_launch(x, weight, bias, activation, scale, residual, deinterleave, dropout, seed,
+                                    branch_scale, weight2, weight3, bias2, bias3)
+
+
+@linear_saving_pre_op.register_fake
+def _(x, weight, bias, activation, scale, residual, deinterleave, dropout=0.0, seed=None, branch_scale=None,
+      weight2=None, weight3=None, bias2=None, bias3=None):
+    out = fake_output(x, activation, weight, weight2, weight3)
+    return out, torch.empty_like(out)
+
+
+def _linear_saving_pre_setup(ctx, inputs, output):
+    _linear_setup(ctx, inputs, output, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+linear_saving_pre_op.register_autograd(lambda ctx, dy, _dpre: _linear_grad(ctx, dy),
+                                       setup_context=_linear_saving_pre_setup)
+
+
+# Backward needs fc1's pre-activation x @ W^T + b for the activation's derivative. Saving it costs one more
+# 16-bit [M, N] write in forward and that memory until backward (what timm's own GELU keeps); recomputing it
+# costs a GEMM in backward (2 M N K flops, several times the write's time at ViT sizes). Default: save.
+# VIT_KERNELS_SAVE_PRE=0 or ``save_pre_activations(False)``: recompute (less memory).
+SAVE_PRE = Flag("save_pre_activations", os.environ.get("VIT_KERNELS_SAVE_PRE", "1") != "0")
+
+
+def save_pre_activations(on: bool):
+    """Inside the ``with`` block, GEMMs with an activation (not swiglu) recorded for autograd save their
+    pre-activation for backward (``on=True``, the default) or backward recomputes it with a GEMM (``on=False``:
+    one [M, N] activation less kept per such GEMM). Under non-reentrant activation checkpointing the forward is
+    rerun in backward with the setting of that moment: keep it the same for the forward and its backward (as
+    ``layer_norm_folding``)."""
+    return SAVE_PRE.set(on)
+
+
+def saves_pre(activation, tensors) -> bool:
+    """Whether a GEMM recorded for autograd saves its pre-activation: an elementwise activation (swiglu's two
+    pre-activations are recomputed), saving on, and a gradient to compute (not torch.compile's inference)."""
+    return (SAVE_PRE.on and activation not in (None, "swiglu") and torch.is_grad_enabled()
+            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
+
+
+def linear_recorded(*args):
+    """``linear_op``, or under autograd with an activation ``linear_saving_pre_op`` (``saves_pre``)."""
+    return linear_saving_pre_op(*args)[0] if saves_pre(args[3], args) else linear_op(*args)
+
+
 def tracing(t: torch.Tensor) -> bool:
     """Whether backward is being traced (torch.compile, AOT dispatch, make_fx: fake, functional or proxied
     tensors): the gradient kernel is no custom op, so such traces take the PyTorch composition."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode  # here: imports above move the kernels
-
     return (torch.compiler.is_compiling() or type(t) is not torch.Tensor or torch._is_functional_tensor(t)
             or _get_current_dispatch_mode() is not None)
 
@@ -1205,11 +1373,14 @@ VARIANTS = (
     # proj / fc2 also writing the residual stream's LayerNorm statistics (for ops.layer_norm_linear)
     *({**PLAIN, "HAS_SCALE": True, "HAS_RESIDUAL": True, "STATS_OUT": True, "DROPOUT": drop, "HAS_BRANCH_SCALE": drop}
       for drop in (False, True)),
+    # fc1 in training: the pre-activation stored for backward too (PRE_OUT), each activation, GELU with dropout
+    *({**PLAIN, "ACTIVATION": act, "DROPOUT": drop, "PRE_OUT": True}
+      for act, drop in (("gelu", False), ("gelu", True), ("gelu_tanh", False), ("quick_gelu", False), ("silu", False))),
 )
 # inside the graph runner's PDL captures (sm_90 only) every inference variant, and proj / fc2 without layer scale
 # (ViT-B's), with the weight prefetch (PDL=2) where one weight block; Hugging Face's three q/k/v blocks wait only
 PDL_VARIANTS = tuple(with_pdl(v) for v in (
-    *(v for v in VARIANTS if not v["DROPOUT"] and not v["HAS_BRANCH_SCALE"]),
+    *(v for v in VARIANTS if not v["DROPOUT"] and not v["HAS_BRANCH_SCALE"] and not v.get("PRE_OUT")),
     {**PLAIN, "HAS_RESIDUAL": True}, {**PLAIN, "HAS_RESIDUAL": True, "STATS_OUT": True}))
 # the TMA engine serves one weight block (the pointer grid builds LINEAR_TMA's other configs)
 TMA_VARIANTS = tuple(v for v in VARIANTS + PDL_VARIANTS if v["WEIGHT_BLOCKS"] == 1)
@@ -1262,6 +1433,13 @@ def _opcheck_samples(device):
         # proj / fc2 handing the residual stream's LayerNorm statistics to the next layer_norm_linear
         (linear_with_stats_op, (r(9, 20), r(70, 20), r(70), None, r(70), r(9, 70), 1, 0.25, new_seed(),
                                 torch.tensor([0.0, 1.5, 1.5], device=device))),
+        # fc1 in training, its pre-activation saved for backward
+        (linear_saving_pre_op, (r(9, 20), r(30, 20), r(30), "gelu", None, None, 1, 0.25, new_seed())),
+        (linear_saving_pre_op, (r(9, 20), r(30, 20), None, "quick_gelu", r(30), r(9, 30), 3)),
+        # leading dims: the output is allocated with them (no view of a 2-D result)
+        (linear_op, (r(2, 5, 20), r(30, 20), r(30), "gelu", r(30), r(2, 5, 30), 1)),
+        (linear_with_stats_op, (r(3, 3, 20), r(70, 20), r(70), None, r(70), r(3, 3, 70), 1)),
+        (linear_saving_pre_op, (r(2, 5, 20), r(30, 20), r(30), "silu", None, None, 1, 0.25, new_seed())),
     ]
 
 
@@ -1292,6 +1470,14 @@ def _grad_cases(device):
                           lambda x, wg, wu, bg, bu: linear_op(x, wg, bg, "swiglu", None, None, 1, 0.2, seed, None, wu,
                                                               None, bu),
                           (r(5, 16), r(12, 16, scale=0.3), r(12, 16, scale=0.3), r(12), r(12))))
+    seed = new_seed()
+    cases.append(GradCase("pre-activation saved, layer scale, dropout=0.2",
+                          lambda x, w, b, s, res: linear_saving_pre_op(x, w, b, "gelu", s, res, 1, 0.2, seed)[0],
+                          (r(5, 16), r(24, 16, scale=0.3), r(24), r(24), r(5, 24))))
+    cases.append(GradCase("layer scale, unequal row blocks",
+                          lambda x, w, w2, b, b2, s: linear_op(x, w, b, None, s, None, 1, 0.0, None, None, w2, None,
+                                                               b2),
+                          (r(5, 16), r(7, 16, scale=0.3), r(11, 16, scale=0.3), r(7), r(11), r(18))))
     return cases
 
 
@@ -1342,7 +1528,7 @@ register(OpSpec(
              KernelGrid(LINEAR_GLU, GLU_VARIANTS),
              KernelGrid(LINEAR_TMA, TMA_VARIANTS, only=lambda meta: meta.get("PERSISTENT", False)),
              KernelGrid(SPLIT_K, SPLIT_K_VARIANTS), KernelGrid(SPLIT_K_REDUCE, SPLIT_K_REDUCE_VARIANTS)),
-    custom_ops=(linear_op, linear_with_stats_op),
+    custom_ops=(linear_op, linear_with_stats_op, linear_saving_pre_op),
     opcheck_samples=_opcheck_samples,
     grad_cases=_grad_cases,
     examples=_examples,
