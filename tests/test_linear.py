@@ -1,5 +1,7 @@
 """The fused GEMM (bias, GELU erf/tanh, layer scale, residual, q/k/v de-interleave, weight row blocks) against
 PyTorch."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -364,3 +366,12 @@ def test_outputs_are_no_views(device, grad):
     if grad:
         outs[1].sum().backward()
         assert x.grad.shape == x.shape
+
+
+def test_custom_op_residual_must_have_the_output_shape(device):
+    """The ops return dy as the residual's gradient, so a residual of another shape (rows for 3-D x) is refused
+    (the public ops give it x's leading dims themselves)."""
+    linear_module = importlib.import_module("vit_kernels.ops.linear")
+    x, w = torch.randn(3, 5, 16, device=device), torch.randn(24, 16, device=device)
+    with pytest.raises(ValueError, match=r"residual has shape \(15, 24\); it must have the output's, \(3, 5, 24\)"):
+        linear_module.linear_launch(x, w, residual=torch.randn(15, 24, device=device))

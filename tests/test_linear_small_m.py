@@ -103,17 +103,24 @@ def test_ops_linear_considers_split_k_for_small_m_and_long_k(device):
 
 def test_split_k_is_chosen_per_shape_by_timing(monkeypatch, device):
     monkeypatch.setattr(guard, "on_gpu", lambda x: True)
-    x, w, b = randn(37, 1040, device=device), randn(24, 1040, device=device), randn(24, device=device)
-    with torch.no_grad():
-        for split_wins, expected in ((True, {"linear_split_k", "linear_split_k_reduce"}), (False, {"linear"})):
-            order = itertools.cycle([1.0, 2.0] if split_wins else [2.0, 1.0])  # the new path is timed first
-            monkeypatch.setattr(guard, "time_ms", lambda fn, order=order: next(order))
-            guard.reset()
-            ops.reset_launch_counts()
-            got = ops.linear(x, w, b, activation="gelu")
-            assert set(ops.launch_counts()) == expected
-            assert list(guard.verdicts().values()) == [split_wins]
-            assert_matches(got, None, linear_torch(x.double(), w.double(), b.double(), "gelu"))
+    w, b = randn(24, 1040, device=device), randn(24, device=device)
+    # rows, and leading dims (both paths return the output with x's leading dims: the guard compares them)
+    for x in (randn(37, 1040, device=device), randn(2, 19, 1040, device=device)):
+        residual = randn(*x.shape[:-1], 24, device=device)
+        with torch.no_grad():
+            for split_wins, expected in ((True, {"linear_split_k", "linear_split_k_reduce"}), (False, {"linear"})):
+                order = itertools.cycle([1.0, 2.0] if split_wins else [2.0, 1.0])  # the new path is timed first
+                monkeypatch.setattr(guard, "time_ms", lambda fn, order=order: next(order))
+                guard.reset()
+                ops.reset_launch_counts()
+                got = ops.linear(x, w, b, activation="gelu")
+                assert set(ops.launch_counts()) == expected and got.shape == (*x.shape[:-1], 24)
+                assert list(guard.verdicts().values()) == [split_wins]
+                assert_matches(got, None, linear_torch(x.double(), w.double(), b.double(), "gelu"))
+                got = ops.linear(x, w, b, scale=b, residual=residual)
+                assert got.shape == residual.shape
+                assert_matches(got, None, linear_torch(x.double(), w.double(), b.double(), None, b.double(),
+                                                       residual.double()))
     guard.reset()
 
 

@@ -75,8 +75,9 @@ LAYER_NORM_LINEAR_GLU = Tuned("layer_norm_linear", LINEAR.kernel, configs=LINEAR
 def layer_norm_linear_launch(x, norm_weight, norm_bias, eps, stats, weight, bias, activation, scale, residual,
                              deinterleave, dropout, seed, branch_scale, weight2, weight3, bias2, bias3, config=None,
                              pre_out=False):
-    """The GEMM with the LayerNorm applied to its x tiles, on 2-D x [M, K]; ``stats``: x's chunk statistics
-    from its producer, or None (a pass over x's rows first). ``pre_out``: returns (output, pre-activation)."""
+    """The GEMM with the LayerNorm applied to its x tiles, on x [..., K] (the output has x's leading dims);
+    ``stats``: x's chunk statistics [rows, chunks, 2] from its producer, or None (a pass over x's rows first).
+    ``pre_out``: returns (output, pre-activation)."""
     weights = present(weight, weight2, weight3)
     biases = None if bias is None else present(bias, bias2, bias3)
     launcher = LAYER_NORM_LINEAR_GLU if activation == "swiglu" else LAYER_NORM_LINEAR

@@ -654,7 +654,8 @@ def later_blocks(blocks) -> list:
 def linear_launch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1, dropout=0.0,
                   seed=None, branch_scale=None, weight2=None, weight3=None, bias2=None, bias3=None, config=None,
                   stats_out=False, pre_out=False):
-    """Launch the fused GEMM on 2-D ``x`` [M, K] and ``weight`` [N, K]; returns [M, N] in x's dtype.
+    """Launch the fused GEMM on ``x`` [..., K] and ``weight`` [N, K]; returns [..., N] in x's dtype (x's leading
+    dims; a residual has the output's shape).
     ``dropout`` > 0 needs ``seed`` (a ``new_seed()`` tensor); ``branch_scale`` is an fp32 [S] vector, S
     dividing M, row m scaled by branch_scale[m // (M / S)]. ``weight2``/``weight3`` (and ``bias2``/``bias3``,
     given exactly when ``bias`` is) are further row blocks: the weight is cat([weight, weight2, weight3]),
@@ -686,8 +687,8 @@ def linear_with_stats_launch(x, weight, bias=None, activation=None, scale=None, 
 def linear_saving_pre_launch(x, weight, bias=None, activation=None, scale=None, residual=None, deinterleave=1,
                              dropout=0.0, seed=None, branch_scale=None, weight2=None, weight3=None, bias2=None,
                              bias3=None):
-    """``linear_launch`` that also returns the pre-activation x @ W^T + bias [M, N] (output order), which the
-    epilogue stores next to the output: backward reads it instead of recomputing the GEMM."""
+    """``linear_launch`` that also returns the pre-activation x @ W^T + bias (the output's shape and column
+    order), which the epilogue stores next to the output: backward reads it instead of recomputing the GEMM."""
     return linear_launch(x, weight, bias, activation, scale, residual, deinterleave, dropout, seed, branch_scale,
                          weight2, weight3, bias2, bias3, pre_out=True)
 
@@ -761,7 +762,7 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
     then no view of a 2-D one: FSDP2 warns of views, as an in-place op on one would skip its pre-backward hook)."""
     weights = [row_major(w) for w in weights]
     biases = None if biases is None else [row_major(b) for b in biases]
-    lead = x.shape[:-1]
+    lead, given = x.shape[:-1], (x, residual)  # the one-launch alternative of split-K gets them as given
     x = as_rows(x)
     scale, branch_scale = (None if t is None else row_major(t) for t in (scale, branch_scale))
     residual = None if residual is None else as_rows(residual)
@@ -770,6 +771,8 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
     if activation == "swiglu" and (len(rows) != 2 or rows[0] != rows[1]):
         raise ValueError(f"swiglu needs two weight blocks (gate, up) of equal rows, got blocks of {rows} rows")
     N = out_features(rows, activation)
+    if residual is not None and tuple(given[1].shape) != (*lead, N):  # its gradient is dy: the output's shape
+        raise ValueError(f"residual has shape {tuple(given[1].shape)}; it must have the output's, {(*lead, N)}")
     if pre_out and (activation == "swiglu" or stats_out):
         raise ValueError("pre_out serves one-tensor epilogues: not swiglu's gated product, not with stats_out")
     if split_k and not pre_out and config is None and split_k_fits(M, N, K, weights, activation, deinterleave,
@@ -780,8 +783,8 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
             lambda: (M, N, K, x.dtype, activation, bias is not None, scale is not None, residual is not None,
                      stats_out, x.device),
             x, lambda _: split_k_launch(x, weights[0], bias, activation, scale, residual, stats_out, lead),
-            lambda _: gemm_launch(launcher, x, weights, biases, activation, scale, residual, deinterleave, dropout,
-                                  seed, branch_scale, norm, stats_out, split_k=False))
+            lambda _: gemm_launch(launcher, given[0], weights, biases, activation, scale, given[1], deinterleave,
+                                  dropout, seed, branch_scale, norm, stats_out, split_k=False))
     out = new_output((*lead, N), x.device, x.dtype)  # written as rows of N (contiguous)
     stats = new_output((M, cdiv(N, STATS_CHUNK), 2), x.device, torch.float32) if stats_out else None
     pre = new_output((*lead, N), x.device, x.dtype) if pre_out else None
@@ -1153,7 +1156,8 @@ def leading(rows: torch.Tensor | None, lead) -> torch.Tensor | None:
 
 def check_public_linear(x, weight, bias, activation, scale, residual, deinterleave, dropout, branch_scale):
     """The checks of ``linear``'s public arguments (``layer_norm_linear`` shares them); returns x and the
-    residual as 2-D rows and the (weights, biases) blocks."""
+    residual as 2-D rows (the rows the checks read; ``leading`` gives the residual x's leading dims for the ops)
+    and the (weights, biases) blocks."""
     check_tensor("x", x)
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dimensions [..., features], got shape {tuple(x.shape)}")
