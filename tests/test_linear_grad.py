@@ -277,3 +277,15 @@ def test_save_pre_activations_checks_its_argument():
     with pytest.raises(ValueError, match="pre_out"):
         L.gemm_launch(L.LINEAR_GLU, torch.randn(4, 8), [torch.randn(6, 8)] * 2, None, "swiglu", None, None, 1, 0.0,
                       None, None, pre_out=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_mm_fp32_returns_an_unrounded_fp32_product(device, dtype):
+    """The layer-scale gradient's P = u^T x: fp32 out of 16-bit inputs (cuBLAS's out_dtype on a GPU), equal to
+    the fp32 product of the same values, beyond fp16's range too."""
+    a = (300 * torch.randn(40, 64)).to(device, dtype)
+    b = (300 * torch.randn(64, 24)).to(device, dtype)
+    got = L.mm_fp32(a, b)
+    assert got.dtype == torch.float32 and got.shape == (40, 24)
+    assert got.abs().max() > 65504 or dtype != torch.float16  # would overflow an fp16 result
+    torch.testing.assert_close(got, a.double().mm(b.double()).float(), rtol=1e-4, atol=1e-2)
