@@ -224,8 +224,8 @@ def layer_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bi
     stats: x's LayerNorm statistics as ``x, stats = ops.linear(..., norm_stats=True)`` returned them with x
     (it is the caller's promise that x has not changed since); None: the kernel gathers them with a pass over
     x's rows before its K loop."""
-    x2, res2, weights, biases = check_public_linear(x, weight, bias, activation, scale, residual, deinterleave,
-                                                    dropout, branch_scale)
+    x2, _, weights, biases = check_public_linear(x, weight, bias, activation, scale, residual, deinterleave,
+                                                 dropout, branch_scale)
     check_eps(eps)
     check_vector("norm_weight", norm_weight, x.shape[-1], x.dtype, x.device)
     check_vector("norm_bias", norm_bias, x.shape[-1], x.dtype, x.device)
@@ -236,7 +236,7 @@ def layer_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bi
                                               residual, deinterleave, dropout, branch_scale),
         layer_norm_linear_recorded, layer_norm_linear_launch,
         lambda: (x, norm_weight, norm_bias, float(eps), stats, weights[0], None if biases is None else biases[0],
-                 activation, scale, leading(res2, lead), deinterleave, float(dropout),
+                 activation, scale, leading(residual, lead), deinterleave, float(dropout),
                  new_seed() if dropout else None, branch_scale, *later_blocks(weights), *later_blocks(biases)))
 
 

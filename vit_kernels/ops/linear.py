@@ -762,7 +762,7 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
     then no view of a 2-D one: FSDP2 warns of views, as an in-place op on one would skip its pre-backward hook)."""
     weights = [row_major(w) for w in weights]
     biases = None if biases is None else [row_major(b) for b in biases]
-    lead, given = x.shape[:-1], (x, residual)  # the one-launch alternative of split-K gets them as given
+    lead, x_given, residual_given = x.shape[:-1], x, residual  # split-K's one-launch alternative gets these
     x = as_rows(x)
     scale, branch_scale = (None if t is None else row_major(t) for t in (scale, branch_scale))
     residual = None if residual is None else as_rows(residual)
@@ -771,8 +771,8 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
     if activation == "swiglu" and (len(rows) != 2 or rows[0] != rows[1]):
         raise ValueError(f"swiglu needs two weight blocks (gate, up) of equal rows, got blocks of {rows} rows")
     N = out_features(rows, activation)
-    if residual is not None and tuple(given[1].shape) != (*lead, N):  # its gradient is dy: the output's shape
-        raise ValueError(f"residual has shape {tuple(given[1].shape)}; it must have the output's, {(*lead, N)}")
+    if residual is not None and tuple(residual_given.shape) != (*lead, N):  # its gradient is dy: the output's shape
+        raise ValueError(f"residual has shape {tuple(residual_given.shape)}; it must have the output's, {(*lead, N)}")
     if pre_out and (activation == "swiglu" or stats_out):
         raise ValueError("pre_out serves one-tensor epilogues: not swiglu's gated product, not with stats_out")
     if split_k and not pre_out and config is None and split_k_fits(M, N, K, weights, activation, deinterleave,
@@ -783,8 +783,8 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
             lambda: (M, N, K, x.dtype, activation, bias is not None, scale is not None, residual is not None,
                      stats_out, x.device),
             x, lambda _: split_k_launch(x, weights[0], bias, activation, scale, residual, stats_out, lead),
-            lambda _: gemm_launch(launcher, given[0], weights, biases, activation, scale, given[1], deinterleave,
-                                  dropout, seed, branch_scale, norm, stats_out, split_k=False))
+            lambda _: gemm_launch(launcher, x_given, weights, biases, activation, scale, residual_given,
+                                  deinterleave, dropout, seed, branch_scale, norm, stats_out, split_k=False))
     out = new_output((*lead, N), x.device, x.dtype)  # written as rows of N (contiguous)
     stats = new_output((M, cdiv(N, STATS_CHUNK), 2), x.device, torch.float32) if stats_out else None
     pre = new_output((*lead, N), x.device, x.dtype) if pre_out else None
@@ -819,8 +819,9 @@ def gemm_launch(launcher, x, weights, biases, activation, scale, residual, deint
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """t as rows [M, features] with unit stride along the features (a view where t's strides allow)."""
-    return row_major(t.reshape(-1, t.shape[-1]))
+    """t as rows [M, features] with unit stride along the features (a view where t's strides allow; t itself
+    when it is such rows already: no view op on the launch path)."""
+    return row_major(t if t.dim() == 2 else t.reshape(-1, t.shape[-1]))
 
 
 def pdl_prefetches(weight_blocks: int, activation) -> bool:
@@ -886,19 +887,21 @@ def linear_backward(dy, x, weights, biases, activation, scale, deinterleave, dro
     shape = x.shape
     x, dy, pre = (None if t is None else t.reshape(-1, t.shape[-1]) for t in (x, dy, pre))  # as rows
     needs_dscale = scale is not None and bool(needs[SCALE_ARG])
-    backward = layer_scale_backward if activation is None and needs_dscale else gemm_backward
-    dx, dws, dbs, dscale = backward(dy, x, weights, biases, activation, scale, deinterleave, dropout, seed,
-                                    branch_scale, needs, pre)
+    if activation is None and needs_dscale:
+        dx, dws, dbs, dscale = layer_scale_backward(dy, x, weights, biases, scale, deinterleave, dropout, seed,
+                                                    branch_scale, needs)
+    else:
+        dx, dws, dbs, dscale = gemm_backward(dy, x, weights, biases, activation, scale, deinterleave, dropout, seed,
+                                             branch_scale, needs, needs_dscale, pre)
     return (None if dx is None else dx.view(shape)), dws, dbs, dscale
 
 
 def gemm_backward(dy, x, weights, biases, activation, scale, deinterleave, dropout, seed, branch_scale, needs,
-                  pre):
-    """``linear_backward`` on rows (2-D x, dy, pre); a trainable layer scale without activation takes
-    ``layer_scale_backward`` instead."""
-    needs_dscale = scale is not None and bool(needs[SCALE_ARG])
-    needs_dbias = biases is not None and any(needs[i] for i in BIAS_ARGS[:len(biases)])
-    if pre is None and (activation is not None or needs_dscale):
+                  needs_dscale, pre):
+    """``linear_backward`` on rows (2-D x, dy, pre) in every case but a trainable layer scale without activation
+    (``layer_scale_backward``): so the pre-activation is needed exactly when there is an activation."""
+    needs_dbias = needs_bias_grads(biases, needs)
+    if pre is None and activation is not None:
         pre = linear_op(x, weights[0], None if biases is None else biases[0], None, None, None, deinterleave, 0.0,
                         None, None, *later_blocks(weights), *later_blocks(biases))
     g, dbias, dscale = grad_epilogue(dy, pre, scale, branch_scale, seed, activation, deinterleave, needs_dscale,
@@ -907,11 +910,12 @@ def gemm_backward(dy, x, weights, biases, activation, scale, deinterleave, dropo
     dws = [None] * len(weights)
     if any(needs[i] for i in WEIGHT_ARGS[:len(weights)]):
         dws = per_block(torch.mm(g.t(), x), weights, WEIGHT_ARGS, needs)
-    dbs = [None] * len(weights)
-    if needs_dbias:
-        dbs = [None if db is None else db.to(b.dtype) for db, b in zip(per_block(dbias, weights, BIAS_ARGS, needs),
-                                                                      biases)]
+    dbs = per_block(dbias, weights, BIAS_ARGS, needs, like=biases) if needs_dbias else [None] * len(weights)
     return dx, dws, dbs, None if dscale is None else dscale.to(scale.dtype)
+
+
+def needs_bias_grads(biases, needs) -> bool:
+    return biases is not None and any(needs[i] for i in BIAS_ARGS[:len(biases)])
 
 
 def grad_epilogue(dy, pre, scale, branch_scale, seed, activation, deinterleave, needs_dscale, needs_dbias, dtype,
@@ -932,14 +936,15 @@ def cat_rows(weights) -> torch.Tensor:
     return weights[0] if len(weights) == 1 else torch.cat(weights)
 
 
-def per_block(t, weights, positions, needs) -> list:
-    """One tensor over all blocks' rows -> a view per block (None where its argument needs no gradient)."""
+def per_block(t, weights, positions, needs, like=None) -> list:
+    """One tensor over all blocks' rows -> a view per block (None where its argument needs no gradient), cast
+    to the dtype of the matching tensor of ``like`` (the blocks' weights or biases) when given."""
     parts = (t,) if len(weights) == 1 else t.split([w.shape[0] for w in weights])
-    return [p if needs[i] else None for p, i in zip(parts, positions)]
+    like = like or parts
+    return [p.to(ref.dtype) if needs[i] else None for p, i, ref in zip(parts, positions, like)]
 
 
-def layer_scale_backward(dy, x, weights, biases, _activation, scale, deinterleave, dropout, seed, branch_scale, needs,
-                         _pre):
+def layer_scale_backward(dy, x, weights, biases, scale, deinterleave, dropout, seed, branch_scale, needs):
     """``linear_backward`` of y = scale * (x W^T + b) (+ residual) when the scale's gradient is needed, with no
     GEMM recomputed and nothing saved: with u the gradient reaching the scaled product (dy after stochastic depth
     and dropout, weight-row order) and P = u^T x in fp32, dscale = rowsum(P * W) + b * colsum(u),
@@ -947,7 +952,6 @@ def layer_scale_backward(dy, x, weights, biases, _activation, scale, deinterleav
     GEMM (proj and fc2 of layer-scale models: DINOv2, EVA-02, CaiT). u * scale is rounded like PyTorch's own
     dy * gamma (not u @ (scale * W): layer scales start at 1e-5 to 1e-6, and scale * W underflows fp16 where
     the loss-scaled u * scale does not)."""
-    needs_dbias = biases is not None and any(needs[i] for i in BIAS_ARGS[:len(biases)])
     u, usum, _ = grad_epilogue(dy, None, None, branch_scale, seed, None, deinterleave, False, True, x.dtype, dropout)
     rows_scale = scale.float()
     if deinterleave > 1:  # the scale is in output order; u, P and W in weight-row order
@@ -960,12 +964,9 @@ def layer_scale_backward(dy, x, weights, biases, _activation, scale, deinterleav
     if deinterleave > 1:  # back to output order
         dscale = dscale.view(-1, deinterleave).t().reshape(-1)
     dx = torch.mm(u * rows_scale.to(u.dtype), w) if needs[0] else None
-    dws = per_block(p * rows_scale[:, None], weights, WEIGHT_ARGS, needs)
-    dws = [None if dw is None else dw.to(wi.dtype) for dw, wi in zip(dws, weights)]
-    dbs = [None] * len(weights)
-    if needs_dbias:
-        dbs = [None if db is None else db.to(b.dtype)
-               for db, b in zip(per_block(usum * rows_scale, weights, BIAS_ARGS, needs), biases)]
+    dws = per_block(p * rows_scale[:, None], weights, WEIGHT_ARGS, needs, like=weights)
+    dbs = (per_block(usum * rows_scale, weights, BIAS_ARGS, needs, like=biases) if needs_bias_grads(biases, needs)
+           else [None] * len(weights))
     return dx, dws, dbs, dscale.to(scale.dtype)
 
 
@@ -1128,8 +1129,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
     stored values. Pass them to ``ops.layer_norm_linear(output, ..., stats=stats)`` to normalize the output in
     the next GEMM without another pass over it. The PyTorch fallback computes them with PyTorch.
     """
-    _, res2, weights, biases = check_public_linear(x, weight, bias, activation, scale, residual, deinterleave,
-                                                   dropout, branch_scale)
+    _, _, weights, biases = check_public_linear(x, weight, bias, activation, scale, residual, deinterleave,
+                                                dropout, branch_scale)
     lead = x.shape[:-1]
     n = out_features([w.shape[0] for w in weights], activation)
     b1 = None if biases is None else biases[0]
@@ -1144,14 +1145,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
     return dispatch(
         (x,), fallback, linear_with_stats_op if norm_stats else linear_recorded,
         linear_with_stats_launch if norm_stats else linear_launch,
-        lambda: (x, weights[0], b1, activation, scale, leading(res2, lead), deinterleave, float(dropout),
+        lambda: (x, weights[0], b1, activation, scale, leading(residual, lead), deinterleave, float(dropout),
                  new_seed() if dropout else None, branch_scale, *blocks))
 
 
-def leading(rows: torch.Tensor | None, lead) -> torch.Tensor | None:
-    """A residual given as rows [M, N] (or x's shape) with x's leading dims: the custom ops take tensors shaped
-    as the output, whose gradient they return for it."""
-    return None if rows is None else rows.reshape(*lead, rows.shape[-1])
+def leading(residual: torch.Tensor | None, lead) -> torch.Tensor | None:
+    """A (checked) residual with x's leading dims ``lead``: as given when it has them, else (given as rows
+    [M, N]) reshaped to them. The custom ops take it shaped as the output, whose gradient they return for it."""
+    if residual is None or residual.shape[:-1] == lead:
+        return residual
+    return residual.reshape(*lead, residual.shape[-1])
 
 
 def check_public_linear(x, weight, bias, activation, scale, residual, deinterleave, dropout, branch_scale):
