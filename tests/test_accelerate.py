@@ -543,6 +543,14 @@ def test_train_mode_dropout_runs_in_the_kernels(framework, kw, rates, images, mo
     for name in ("attention", "linear", "layer_norm_linear"):  # a GEMM with its LayerNorm inside counts as a GEMM
         monkeypatch.setattr(ops, name, recording("attention" if name == "attention" else "linear", getattr(ops, name)))
 
+    def recording_mlp(op):  # the MLP in training: fc1's and fc2's GEMMs in one op
+        def call(*args, **kwargs):
+            events.extend([("linear", kwargs.get("hidden_dropout", 0.0)), ("linear", kwargs.get("dropout", 0.0))])
+            return op(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(ops, "mlp", recording_mlp(ops.mlp))
+
     def block_rates():  # per block: attention's rate, then those of the proj, fc1 and fc2 GEMMs that follow it
         rates = [(p, *(r for _, r in events[i + 1:i + 4])) for i, (op, p) in enumerate(events) if op == "attention"]
         events.clear()

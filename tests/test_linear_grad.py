@@ -112,7 +112,8 @@ def test_layer_scale_gradient_needs_no_recomputed_gemm(device, dtype, rows, bias
                    residual=residual, deinterleave=deinterleave)
     ops.reset_launch_counts()
     ours = torch.autograd.grad(y, leaves, dy)
-    assert ops.launch_counts() == {"linear_grad": 1}  # the epilogue pass; the GEMMs are cuBLAS
+    # the epilogue pass where there is something to apply (de-interleave); the GEMMs are cuBLAS
+    assert ops.launch_counts() == ({"linear_grad": 1} if deinterleave > 1 else {})
 
     def grads(cast):
         ts = [t.detach().to(cast).requires_grad_() for t in leaves]

@@ -10,7 +10,8 @@ from torch import nn
 from .. import ops
 from ..ops import guard
 from ..ops.dispatch import Flag
-from ..ops.linear import as_blocks
+from ..ops.linear import as_blocks, saves_pre
+from ..ops.mlp import MLP_ACTIVATIONS
 from .patching import patch
 
 AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
@@ -260,6 +261,38 @@ def encoder_block(x, norm1, qkv, proj, norm2, fc1, fc2, cast, *, num_heads, qkv_
     h = self_attention(h, num_heads, scaling, mask, attn_drop, attn_args)
     x, stats = residual_linear(h, proj.weight, proj.bias, cast, norm2, scale=cast(gamma1), residual=x,
                                dropout=proj_drop, branch_scale=drop_path1)
-    h = norm_linear(x, norm2, fc1.weight, fc1.bias, cast, stats=stats, activation=activation, dropout=hidden_drop)
-    return ops.linear(h, cast(fc2.weight), cast(fc2.bias), scale=cast(gamma2), residual=x, dropout=out_drop,
-                      branch_scale=drop_path2)
+    return mlp_block(x, norm2, fc1, fc2, cast, stats=stats, activation=activation, gamma=gamma2,
+                     hidden_drop=hidden_drop, out_drop=out_drop, drop_path=drop_path2)
+
+
+def mlp_block(x, norm, fc1, fc2, cast, *, stats, activation, gamma, hidden_drop, out_drop, drop_path):
+    """``x + drop_path * gamma * fc2(activation(fc1(norm(x))))`` (with the dropouts): with an elementwise
+    activation and a gradient to reach fc1 or below, ``ops.mlp`` (whose backward applies fc1's activation
+    gradient inside fc2's dgrad GEMM), else ``norm_linear`` then ``ops.linear`` (inference, swiglu,
+    ``save_pre_activations(False)``: fc1's pre-activation recomputed in backward). The norm is folded into fc1
+    as ``norm_linear`` folds it: by ``layer_norm_folding``, and on a GPU by guard.choose's timing of both."""
+    below = (x, fc1.weight, fc1.bias, *((norm.weight, norm.bias) if not is_identity(norm) else ()))
+    if activation not in MLP_ACTIVATIONS or not isinstance(fc1.weight, torch.Tensor) or not saves_pre(activation,
+                                                                                                        below):
+        h = norm_linear(x, norm, fc1.weight, fc1.bias, cast, stats=stats, activation=activation, dropout=hidden_drop)
+        return ops.linear(h, cast(fc2.weight), cast(fc2.bias), scale=cast(gamma), residual=x, dropout=out_drop,
+                          branch_scale=drop_path)
+
+    def run(folded, hidden_dropout, dropout):
+        h = x if folded or is_identity(norm) else ops.layer_norm(x, cast(norm.weight), cast(norm.bias), norm.eps)
+        norm_args = dict(norm_weight=cast(norm.weight), norm_bias=cast(norm.bias), eps=norm.eps,
+                         stats=stats) if folded else {}
+        return ops.mlp(h, cast(fc1.weight), cast(fc1.bias), cast(fc2.weight), cast(fc2.bias), activation=activation,
+                       hidden_dropout=hidden_dropout, scale=cast(gamma), residual=x, dropout=dropout,
+                       branch_scale=drop_path, **norm_args)
+
+    if not folds_layer_norm(norm):
+        return run(False, hidden_drop, out_drop)
+    # choose calls a path with 0.0 to compare and time it (no dropout), with ``on`` to run it
+    on = 1.0 if hidden_drop or out_drop else 0.0
+    return guard.choose("mlp_layer_norm",
+                        lambda: (tuple(x.shape), x.dtype, tuple(fc1.weight.shape), stats is not None, activation,
+                                 gamma is not None, drop_path is not None, norm.weight is not None,
+                                 norm.bias is not None, hidden_drop > 0, out_drop > 0),
+                        x, lambda p: run(True, p and hidden_drop, p and out_drop),
+                        lambda p: run(False, p and hidden_drop, p and out_drop), on)

@@ -24,7 +24,7 @@ from ._fused import (
     check_layer_norm,
     compute_dtype,
     explicit_dtypes,
-    norm_linear,
+    mlp_block,
     patch_layer_norm,
     residual_linear,
 )
@@ -103,9 +103,9 @@ def head_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         kv = ops.linear(cast(hidden_state), (rows(w, 1), rows(w, 2)), None if b is None else (rows(b, 1), rows(b, 2)))
         h = ops.latent_attention(q.expand(B, 1, E), kv, attn.num_heads, scaling="paper")
         h, stats = residual_linear(h, attn.out_proj.weight, attn.out_proj.bias, cast, norm)
-        y = norm_linear(h, norm, mlp.fc1.weight, mlp.fc1.bias, cast, stats=stats,
-                        activation=activation(FAMILY, mlp.config.hidden_act))
-        return ops.linear(y, cast(mlp.fc2.weight), cast(mlp.fc2.bias), residual=h)[:, 0]
+        return mlp_block(h, norm, mlp.fc1, mlp.fc2, cast, stats=stats,
+                         activation=activation(FAMILY, mlp.config.hidden_act), gamma=None, hidden_drop=0.0,
+                         out_drop=0.0, drop_path=None)[:, 0]
 
 
 def patch_siglip(model):

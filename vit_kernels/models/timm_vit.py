@@ -31,6 +31,7 @@ from ._fused import (
     drop_rate,
     explicit_dtypes,
     is_identity,
+    mlp_block,
     norm_linear,
     patch_layer_norm,
     qk_norm_args,
@@ -208,8 +209,12 @@ def mlp_residual(mlp, norm, x, cast, training: bool, gamma=None, drop_path=None,
         h = norm_linear(x, norm, (mlp.fc1_g.weight, mlp.fc1_x.weight), _pair(mlp.fc1_g.bias, mlp.fc1_x.bias), cast,
                         stats=stats, activation="swiglu", dropout=drop1)
     elif isinstance(mlp, Mlp):
-        h = norm_linear(x, norm, mlp.fc1.weight, mlp.fc1.bias, cast, stats=stats,
-                        activation=activation_mode("mlp", mlp.act), dropout=drop1)
+        activation = activation_mode("mlp", mlp.act)
+        if is_identity(mlp.norm):  # training: ops.mlp (fc1's activation gradient inside fc2's dgrad)
+            return mlp_block(x, norm, mlp.fc1, mlp.fc2, cast, stats=stats, activation=activation, gamma=gamma,
+                             hidden_drop=drop1, out_drop=drop_rate(mlp.drop2, training), drop_path=drop_path)
+        h = norm_linear(x, norm, mlp.fc1.weight, mlp.fc1.bias, cast, stats=stats, activation=activation,
+                        dropout=drop1)
     else:  # GluMlp: fc1's output rows are [gate; value] (or [value; gate] with gate_last)
         halves = [w.chunk(2) for w in (mlp.fc1.weight, mlp.fc1.bias) if w is not None]
         weight, bias = halves[0], (halves[1] if len(halves) > 1 else None)

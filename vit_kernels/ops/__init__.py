@@ -13,9 +13,10 @@ from .latent_attention import latent_attention as latent_attention  # re-exporte
 from .layer_norm import layer_norm
 from .layer_norm_linear import layer_norm_linear
 from .linear import linear, save_pre_activations
+from .mlp import mlp
 from .patch_embed import patch_embed
 from .registry import registered_ops
 
 __all__ = ["MAX_HEAD_DIM", "attention", "attention_probabilities", "backend_for", "classification_head", "dropout",
-           "launch_counts", "layer_norm", "layer_norm_linear", "linear", "patch_embed",
+           "launch_counts", "layer_norm", "layer_norm_linear", "linear", "mlp", "patch_embed",
            "pool_tokens", "registered_ops", "reset_launch_counts", "save_pre_activations", "use_backend"]

@@ -876,42 +876,40 @@ WEIGHT_ARGS, BIAS_ARGS, SCALE_ARG, RESIDUAL_ARG = (1, 10, 11), (2, 12, 13), 4, 5
 def linear_backward(dy, x, weights, biases, activation, scale, deinterleave, dropout, seed, branch_scale, needs,
                     pre=None):
     """(dx, dweights, dbiases, dscale) for the weight blocks ``weights`` and bias blocks ``biases`` (None or
-    one per block; dweights / dbiases: one entry per block, None where not needed). ``pre``: the pre-activation
-    the forward saved (``linear_saving_pre_op``), else recomputed with our kernel, reading the blocks in
-    place, when the activation needs it (swiglu: one GEMM over the gate and up blocks gives both). A layer
-    scale's gradient needs no pre-activation (``layer_scale_backward``). The elementwise part (stochastic depth,
-    the dropout mask regenerated from the seed, layer scale, the activation's derivative, the bias and scale
-    sums) is one pass (``grad_epilogue``). The GEMMs are cuBLAS through torch.mm (allowed for the plain GEMMs of
-    backward): dW is one GEMM split into per-block views, dx one GEMM on the blocks' concatenation (a
-    backward-only temporary)."""
+    one per block; dweights / dbiases: one entry per block, None where not needed): ``gemm_grads``, then
+    dx = g @ W, one GEMM on the blocks' concatenation (a backward-only temporary)."""
     shape = x.shape
     x, dy, pre = (None if t is None else t.reshape(-1, t.shape[-1]) for t in (x, dy, pre))  # as rows
+    g, dws, dbs, dscale = gemm_grads(dy, x, weights, biases, activation, scale, deinterleave, dropout, seed,
+                                     branch_scale, needs, pre)
+    dx = torch.mm(g, cat_rows(weights)).view(shape) if needs[0] else None
+    return dx, dws, dbs, dscale
+
+
+def gemm_grads(dy, x, weights, biases, activation, scale, deinterleave, dropout, seed, branch_scale, needs,
+               pre=None):
+    """On rows (2-D dy, x, pre): (g, dweights, dbiases, dscale), g the gradient of the product x W^T (weight-row
+    order, x's dtype; None when dx is not needed and dW is computed without it), so dx = g @ W. ``pre``: the
+    pre-activation the forward saved (``linear_saving_pre_op``), else recomputed with our kernel, reading the
+    blocks in place, when the activation needs it (swiglu: one GEMM over the gate and up blocks gives both). A
+    layer scale's gradient needs no pre-activation (``layer_scale_backward``). The elementwise part (stochastic
+    depth, the dropout mask regenerated from the seed, layer scale, the activation's derivative, the bias and
+    scale sums) is one pass (``grad_epilogue``). The GEMMs are cuBLAS through torch.mm (allowed for the plain
+    GEMMs of backward): dW is one GEMM split into per-block views."""
     needs_dscale = scale is not None and bool(needs[SCALE_ARG])
     if activation is None and needs_dscale:
-        dx, dws, dbs, dscale = layer_scale_backward(dy, x, weights, biases, scale, deinterleave, dropout, seed,
-                                                    branch_scale, needs)
-    else:
-        dx, dws, dbs, dscale = gemm_backward(dy, x, weights, biases, activation, scale, deinterleave, dropout, seed,
-                                             branch_scale, needs, needs_dscale, pre)
-    return (None if dx is None else dx.view(shape)), dws, dbs, dscale
-
-
-def gemm_backward(dy, x, weights, biases, activation, scale, deinterleave, dropout, seed, branch_scale, needs,
-                  needs_dscale, pre):
-    """``linear_backward`` on rows (2-D x, dy, pre) in every case but a trainable layer scale without activation
-    (``layer_scale_backward``): so the pre-activation is needed exactly when there is an activation."""
+        return layer_scale_backward(dy, x, weights, biases, scale, deinterleave, dropout, seed, branch_scale, needs)
     needs_dbias = needs_bias_grads(biases, needs)
-    if pre is None and activation is not None:
+    if pre is None and activation is not None:  # so the pre-activation is there exactly when there is an activation
         pre = linear_op(x, weights[0], None if biases is None else biases[0], None, None, None, deinterleave, 0.0,
                         None, None, *later_blocks(weights), *later_blocks(biases))
     g, dbias, dscale = grad_epilogue(dy, pre, scale, branch_scale, seed, activation, deinterleave, needs_dscale,
                                      needs_dbias, x.dtype, dropout)
-    dx = torch.mm(g, cat_rows(weights)) if needs[0] else None
     dws = [None] * len(weights)
     if any(needs[i] for i in WEIGHT_ARGS[:len(weights)]):
         dws = per_block(torch.mm(g.t(), x), weights, WEIGHT_ARGS, needs)
     dbs = per_block(dbias, weights, BIAS_ARGS, needs, like=biases) if needs_dbias else [None] * len(weights)
-    return dx, dws, dbs, None if dscale is None else dscale.to(scale.dtype)
+    return g, dws, dbs, None if dscale is None else dscale.to(scale.dtype)
 
 
 def needs_bias_grads(biases, needs) -> bool:
@@ -922,6 +920,9 @@ def grad_epilogue(dy, pre, scale, branch_scale, seed, activation, deinterleave, 
                   dropout):
     """``grad_epilogue_torch``'s (g, dbias, dscale): one pass of ``_linear_grad_kernel``, chosen per shape by
     guard.choose against the PyTorch composition (swiglu and traced backward: that one)."""
+    if (activation is None and scale is None and branch_scale is None and not dropout and deinterleave == 1
+            and dy.dtype == dtype):  # nothing to apply: g is dy itself, the bias gradient a column sum (no pass)
+        return dy, dy.sum(0, dtype=torch.float32) if needs_dbias else None, None
     args = (dy, pre, scale, branch_scale, seed, activation, deinterleave, needs_dscale, needs_dbias, dtype)
     if activation == "swiglu" or tracing(dy):
         return grad_epilogue_torch(*args, dropout)
@@ -945,10 +946,10 @@ def per_block(t, weights, positions, needs, like=None) -> list:
 
 
 def layer_scale_backward(dy, x, weights, biases, scale, deinterleave, dropout, seed, branch_scale, needs):
-    """``linear_backward`` of y = scale * (x W^T + b) (+ residual) when the scale's gradient is needed, with no
+    """``gemm_grads`` of y = scale * (x W^T + b) (+ residual) when the scale's gradient is needed, with no
     GEMM recomputed and nothing saved: with u the gradient reaching the scaled product (dy after stochastic depth
     and dropout, weight-row order) and P = u^T x in fp32, dscale = rowsum(P * W) + b * colsum(u),
-    dW = scale * P, dbias = scale * colsum(u), dx = (u * scale) @ W: elementwise work in place of an M x N x K
+    dW = scale * P, dbias = scale * colsum(u), g = u * scale (dx = g @ W): elementwise work in place of an M x N x K
     GEMM (proj and fc2 of layer-scale models: DINOv2, EVA-02, CaiT). u * scale is rounded like PyTorch's own
     dy * gamma (not u @ (scale * W): layer scales start at 1e-5 to 1e-6, and scale * W underflows fp16 where
     the loss-scaled u * scale does not)."""
@@ -963,11 +964,11 @@ def layer_scale_backward(dy, x, weights, biases, scale, deinterleave, dropout, s
         dscale += cat_rows(biases).float() * usum
     if deinterleave > 1:  # back to output order
         dscale = dscale.view(-1, deinterleave).t().reshape(-1)
-    dx = torch.mm(u * rows_scale.to(u.dtype), w) if needs[0] else None
+    g = u * rows_scale.to(u.dtype) if needs[0] else None
     dws = per_block(p * rows_scale[:, None], weights, WEIGHT_ARGS, needs, like=weights)
     dbs = (per_block(usum * rows_scale, weights, BIAS_ARGS, needs, like=biases) if needs_bias_grads(biases, needs)
            else [None] * len(weights))
-    return dx, dws, dbs, dscale.to(scale.dtype)
+    return g, dws, dbs, dscale.to(scale.dtype)
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

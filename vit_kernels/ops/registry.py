@@ -54,7 +54,9 @@ class OpSpec:
         leading (batch) size given (0 included);
     bench(size, batch, dtype, device): [BenchCase] at the real shapes of ``vit_kernels.configs`` ``size``
         (a dict with emb, heads, patch, img), or None for a visualization-only op;
-    random: True when outputs depend on a fresh RNG draw (dropout): compared by statistics, not values."""
+    random: True when outputs depend on a fresh RNG draw (dropout): compared by statistics, not values;
+    also_launches: the launch names of other ops' kernels its forward runs (``ops.mlp``: ``ops.linear``'s GEMMs;
+    its own kernel serves backward)."""
     name: str
     fn: Callable
     summary: str
@@ -65,6 +67,7 @@ class OpSpec:
     examples: Callable[[torch.device, torch.dtype, int], list]
     bench: Callable[..., Iterable[BenchCase]] | None = None
     random: bool = False
+    also_launches: tuple = ()
 
 
 _REGISTRY: dict[str, OpSpec] = {}
