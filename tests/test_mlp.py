@@ -257,3 +257,23 @@ def test_bad_inputs_name_the_problem(device):
         args = [kwargs.pop(k) for k in ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")]
         with pytest.raises(error, match=words):
             ops.mlp(*args, **kwargs)
+
+
+def test_the_dgrad_fusion_is_chosen_per_shape_by_timing(monkeypatch, device):
+    """On a GPU (faked here) guard.choose keeps the fused dgrad where it times faster, else cuBLAS's GEMM and the
+    gradient epilogue (itself timed against PyTorch's composition); the gradients are the same either way."""
+    monkeypatch.setattr(guard, "on_gpu", lambda x: True)
+    t = leaves(device, torch.float32, norm=False, scale=False)
+    dy = torch.randn(2, 7, E, generator=torch.Generator().manual_seed(5)).to(device)
+    results = {}
+    for fused_wins in (True, False):
+        order = itertools.cycle([1.0, 2.0] if fused_wins else [2.0, 1.0])  # the new path is timed first
+        monkeypatch.setattr(guard, "time_ms", lambda fn, order=order: next(order))
+        guard.reset()
+        y = ops.mlp(t["x"], t["fc1_weight"], t["fc1_bias"], t["fc2_weight"], t["fc2_bias"], residual=t["residual"])
+        ops.reset_launch_counts()
+        results[fused_wins] = grads(y, t, dy)
+        assert ("mlp_dgrad" in ops.launch_counts()) == fused_wins
+        assert [won for (name, _), won in guard.verdicts().items() if name == "mlp_dgrad"] == [fused_wins]
+    for k in results[True]:
+        torch.testing.assert_close(results[True][k], results[False][k], rtol=1e-4, atol=1e-5, msg=k)
