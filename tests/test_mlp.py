@@ -277,3 +277,19 @@ def test_the_dgrad_fusion_is_chosen_per_shape_by_timing(monkeypatch, device):
         assert [won for (name, _), won in guard.verdicts().items() if name == "mlp_dgrad"] == [fused_wins]
     for k in results[True]:
         torch.testing.assert_close(results[True][k], results[False][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_compiled_inference_keeps_nothing(device):
+    """Without a gradient to compute, the op path (torch.compile's) runs the two GEMM ops: the same output, no
+    pre-activation written for a backward that never comes."""
+    t = {k: None if v is None else v.detach() for k, v in leaves(device, torch.float32).items()}
+    args = (t["x"], t["norm_weight"], t["norm_bias"], 1e-6, None, t["fc1_weight"], t["fc1_bias"], "gelu", 0.0, None,
+            t["fc2_weight"], t["fc2_bias"], t["scale"], t["residual"], 0.0, None, None)
+    ops.reset_launch_counts()
+    got = M.mlp_recorded(*args)
+    assert ops.launch_counts() == {"layer_norm_linear": 1, "linear": 1}
+    torch.testing.assert_close(got, M.mlp_op(*args)[0], rtol=0, atol=0)
+    compiled = torch.compile(lambda x: ops.mlp(x, t["fc1_weight"], t["fc1_bias"], t["fc2_weight"], t["fc2_bias"],
+                                               scale=t["scale"], residual=t["residual"]),
+                             backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(t["x"]), reference(t, "gelu", None), rtol=1e-4, atol=1e-5)

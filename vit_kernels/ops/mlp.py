@@ -26,7 +26,7 @@ from .dispatch import INTERPRET, dispatch
 from .dropout import dropout_args, new_seed
 from .launch import Tuned, cdiv, config, dot_precision, launch_grid, new_output, row_major
 from .layer_norm import layer_norm_backward_op, layer_norm_op
-from .layer_norm_linear import check_stats, layer_norm_linear_launch
+from .layer_norm_linear import check_stats, layer_norm_linear_launch, layer_norm_linear_op
 from .linear import (
     BIAS_ARGS,
     SCALE_ARG,
@@ -39,6 +39,7 @@ from .linear import (
     leading,
     linear,
     linear_launch,
+    linear_op,
     linear_torch,
     tl_grouped_tile,
     tracing,
@@ -203,7 +204,15 @@ def _(x, norm_weight, norm_bias, eps, stats, fc1_weight, fc1_bias, activation, h
 
 
 def mlp_recorded(*args):
-    return mlp_op(*args)[0]
+    """``mlp_op``'s output when there is a gradient to compute; otherwise (torch.compile's inference) the two GEMM
+    ops, which keep nothing for backward."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return mlp_op(*args)[0]
+    x, nw, nb, eps, stats, w1, b1, act, hidden_p, hidden_seed, w2, b2, scale, residual, p, seed, branch = args
+    h = (linear_op(x, w1, b1, act, None, None, 1, hidden_p, hidden_seed) if eps is None else
+         layer_norm_linear_op(x, nw, nb, eps, stats, w1, b1, act, None, None, 1, hidden_p, hidden_seed, None, None,
+                              None, None, None))
+    return linear_op(h, w2, b2, None, scale, residual, 1, p, seed, branch)
 
 
 # mlp_op's argument positions (ctx.needs_input_grad)
