@@ -293,6 +293,6 @@ def mlp_block(x, norm, fc1, fc2, cast, *, stats, activation, gamma, hidden_drop,
     return guard.choose("mlp_layer_norm",
                         lambda: (tuple(x.shape), x.dtype, tuple(fc1.weight.shape), stats is not None, activation,
                                  gamma is not None, drop_path is not None, norm.weight is not None,
-                                 norm.bias is not None, hidden_drop > 0, out_drop > 0),
+                                 norm.bias is not None),
                         x, lambda p: run(True, p and hidden_drop, p and out_drop),
                         lambda p: run(False, p and hidden_drop, p and out_drop), on)

@@ -290,8 +290,8 @@ def check_mlp(x, norm_weight, norm_bias, eps, stats, fc1_weight, fc1_bias, activ
                 f"{name} must be a 2-D tensor [out_features, in_features], got "
                 f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
     check_probability("hidden_dropout", hidden_dropout)
-    check_branch_scale(branch_scale, x)
     named("fc1", lambda: check_public_linear(x, fc1_weight, fc1_bias, activation, None, None, 1, 0.0, None))
+    check_branch_scale(branch_scale, x)  # against x (fc2's check below sees a stand-in of the hidden activation)
     if fc2_weight.shape[1] != fc1_weight.shape[0]:
         raise ValueError(f"fc2_weight has shape {tuple(fc2_weight.shape)}: it must take fc1's "
                          f"{fc1_weight.shape[0]} features (fc1_weight has shape {tuple(fc1_weight.shape)})")
