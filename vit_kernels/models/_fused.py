@@ -216,6 +216,11 @@ def residual_linear(h, weight, bias, cast, next_norm, **linear_kwargs):
     return ops.linear(h, cast(weight), cast(bias), **linear_kwargs), None
 
 
+def normalized(x, norm, cast):
+    """``norm(x)`` for an nn.LayerNorm (``ops.layer_norm``) or none (nn.Identity / None: x)."""
+    return x if is_identity(norm) else ops.layer_norm(x, cast(norm.weight), cast(norm.bias), norm.eps)
+
+
 def norm_linear(x, norm, weight, bias, cast, *, stats=None, **linear_kwargs):
     """``ops.linear(norm(x), weight, bias, ...)`` for an nn.LayerNorm ``norm`` (or none: nn.Identity / None):
     one launch with the norm applied inside the GEMM (``layer_norm_folding``), else two. ``weight``/``bias``:
@@ -224,8 +229,7 @@ def norm_linear(x, norm, weight, bias, cast, *, stats=None, **linear_kwargs):
     dropout = linear_kwargs.pop("dropout", 0.0)
 
     def unfused(p):
-        h = x if is_identity(norm) else ops.layer_norm(x, cast(norm.weight), cast(norm.bias), norm.eps)
-        return ops.linear(h, cast(weight), cast(bias), dropout=p, **linear_kwargs)
+        return ops.linear(normalized(x, norm, cast), cast(weight), cast(bias), dropout=p, **linear_kwargs)
 
     if not folds_layer_norm(norm):
         return unfused(dropout)
@@ -265,21 +269,27 @@ def encoder_block(x, norm1, qkv, proj, norm2, fc1, fc2, cast, *, num_heads, qkv_
                      hidden_drop=hidden_drop, out_drop=out_drop, drop_path=drop_path2)
 
 
+def trains_fc1(x, norm, fc1, activation) -> bool:
+    """Whether ``mlp_block`` takes ``ops.mlp``: an elementwise activation, fc1 one weight, a gradient to reach fc1
+    or below and pre-activations saved (``saves_pre``). Inference returns at the grad-mode test."""
+    if activation not in MLP_ACTIVATIONS or not torch.is_grad_enabled() or not isinstance(fc1.weight, torch.Tensor):
+        return False
+    return saves_pre(activation, (x, fc1.weight, fc1.bias, *(() if is_identity(norm) else (norm.weight, norm.bias))))
+
+
 def mlp_block(x, norm, fc1, fc2, cast, *, stats, activation, gamma, hidden_drop, out_drop, drop_path):
     """``x + drop_path * gamma * fc2(activation(fc1(norm(x))))`` (with the dropouts): with an elementwise
     activation and a gradient to reach fc1 or below, ``ops.mlp`` (whose backward applies fc1's activation
     gradient inside fc2's dgrad GEMM), else ``norm_linear`` then ``ops.linear`` (inference, swiglu,
     ``save_pre_activations(False)``: fc1's pre-activation recomputed in backward). The norm is folded into fc1
     as ``norm_linear`` folds it: by ``layer_norm_folding``, and on a GPU by guard.choose's timing of both."""
-    below = (x, fc1.weight, fc1.bias, *((norm.weight, norm.bias) if not is_identity(norm) else ()))
-    if activation not in MLP_ACTIVATIONS or not isinstance(fc1.weight, torch.Tensor) or not saves_pre(activation,
-                                                                                                        below):
+    if not trains_fc1(x, norm, fc1, activation):
         h = norm_linear(x, norm, fc1.weight, fc1.bias, cast, stats=stats, activation=activation, dropout=hidden_drop)
         return ops.linear(h, cast(fc2.weight), cast(fc2.bias), scale=cast(gamma), residual=x, dropout=out_drop,
                           branch_scale=drop_path)
 
     def run(folded, hidden_dropout, dropout):
-        h = x if folded or is_identity(norm) else ops.layer_norm(x, cast(norm.weight), cast(norm.bias), norm.eps)
+        h = x if folded else normalized(x, norm, cast)
         norm_args = dict(norm_weight=cast(norm.weight), norm_bias=cast(norm.bias), eps=norm.eps,
                          stats=stats) if folded else {}
         return ops.mlp(h, cast(fc1.weight), cast(fc1.bias), cast(fc2.weight), cast(fc2.bias), activation=activation,

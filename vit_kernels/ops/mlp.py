@@ -168,20 +168,26 @@ def activation_dgrad(g, weight, pre, activation, dropout, seed, needs_dbias, dty
         dropout)
 
 
-def mlp_launch(x, norm_weight, norm_bias, eps, stats, fc1_weight, fc1_bias, activation, hidden_dropout, hidden_seed,
-               fc2_weight, fc2_bias, scale, residual, dropout, seed, branch_scale, saving=False):
-    """fc1 (LayerNorm folded when ``eps`` is not None) then fc2, two launches; ``saving``: returns (output,
-    hidden, fc1's pre-activation) for backward."""
+def two_gemms(linear_fn, normed_fn, args, saving=False):
+    """fc1 (LayerNorm folded when ``eps`` is not None) then fc2 on ``mlp_op``'s ``args``, through ``linear_fn`` /
+    ``normed_fn``: the launchers or their custom ops (the same positional arguments). ``saving`` (launchers
+    only): returns (output, hidden, fc1's pre-activation) for backward."""
+    (x, norm_weight, norm_bias, eps, stats, fc1_weight, fc1_bias, activation, hidden_dropout, hidden_seed, fc2_weight,
+     fc2_bias, scale, residual, dropout, seed, branch_scale) = args
+    pre_out = {"pre_out": True} if saving else {}
     if eps is None:
-        first = linear_launch(x, fc1_weight, fc1_bias, activation, dropout=hidden_dropout, seed=hidden_seed,
-                              pre_out=saving)
+        first = linear_fn(x, fc1_weight, fc1_bias, activation, None, None, 1, hidden_dropout, hidden_seed, **pre_out)
     else:
-        first = layer_norm_linear_launch(x, norm_weight, norm_bias, eps, stats, fc1_weight, fc1_bias, activation,
-                                         None, None, 1, hidden_dropout, hidden_seed, None, None, None, None, None,
-                                         pre_out=saving)
+        first = normed_fn(x, norm_weight, norm_bias, eps, stats, fc1_weight, fc1_bias, activation, None, None, 1,
+                          hidden_dropout, hidden_seed, None, None, None, None, None, **pre_out)
     hidden, pre = first if saving else (first, None)
-    out = linear_launch(hidden, fc2_weight, fc2_bias, None, scale, residual, 1, dropout, seed, branch_scale)
+    out = linear_fn(hidden, fc2_weight, fc2_bias, None, scale, residual, 1, dropout, seed, branch_scale)
     return (out, hidden, pre) if saving else out
+
+
+def mlp_launch(*args, saving=False):
+    """``mlp_op``'s arguments -> two launches (``two_gemms``)."""
+    return two_gemms(linear_launch, layer_norm_linear_launch, args, saving)
 
 
 @torch.library.custom_op("vit_kernels::mlp", mutates_args=())
@@ -208,11 +214,7 @@ def mlp_recorded(*args):
     ops, which keep nothing for backward."""
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return mlp_op(*args)[0]
-    x, nw, nb, eps, stats, w1, b1, act, hidden_p, hidden_seed, w2, b2, scale, residual, p, seed, branch = args
-    h = (linear_op(x, w1, b1, act, None, None, 1, hidden_p, hidden_seed) if eps is None else
-         layer_norm_linear_op(x, nw, nb, eps, stats, w1, b1, act, None, None, 1, hidden_p, hidden_seed, None, None,
-                              None, None, None))
-    return linear_op(h, w2, b2, None, scale, residual, 1, p, seed, branch)
+    return two_gemms(linear_op, layer_norm_linear_op, args)
 
 
 # mlp_op's argument positions (ctx.needs_input_grad)
